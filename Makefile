@@ -1,0 +1,36 @@
+# make demo | make test: each creates .venv when missing and installs what it needs there.
+PYTHON ?= python3
+VENV   := .venv
+VPY    := $(VENV)/bin/python
+STAMP  := $(VENV)/.lorakern-installed
+export CUDA_HOME ?= /usr/local/cuda
+
+.PHONY: demo test test-default test-interpret check cuda gpu-check bench bench-compare clean
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VPY) -m lorakern.cli demo
+
+check: $(STAMP)
+	$(VPY) -m lorakern.cli check
+
+test: test-default test-interpret
+
+test-default: $(STAMP)
+	$(VPY) -m pytest -q -m "not gpu and not interpret"
+
+test-interpret: $(STAMP)
+	TRITON_INTERPRET=1 $(VPY) -m pytest -q -m interpret
+
+# On a GPU machine whose system python already has torch, triton and the test packages:
+# no venv, no installs.
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(PYTHON) -m pytest -q -m "gpu" tests
+
+clean:
+	rm -rf build *.egg-info $(VENV)

@@ -1,0 +1,173 @@
+"""Modules over the op: ``LoRALinear`` (a drop-in ``nn.Linear``) and ``AdapterBank``.
+
+Modules call ``lorakern.ops.lora_linear`` and know nothing of kernels.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from lorakern.ops import lora_linear
+
+__all__ = ["LoRALinear", "AdapterBank"]
+
+
+def _kaiming_uniform_(t: torch.Tensor) -> torch.Tensor:
+    return nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a trainable low-rank update, computed by the fused op.
+
+    ``y = x W^T + b + s * dropout(x) A^T B^T`` with ``s = lora_alpha / r`` (``/ sqrt(r)`` with
+    rsLoRA). Parameters are named as in ``nn.Linear`` (``weight``, ``bias``) plus ``lora_A [r, in]``
+    and ``lora_B [out, r]``, so an ``nn.Linear`` state dict loads into it (``strict=False``).
+
+    >>> layer = LoRALinear(64, 32, r=8, lora_alpha=16)
+    >>> layer(torch.randn(2, 5, 64)).shape
+    torch.Size([2, 5, 32])
+    >>> wrapped = LoRALinear.from_linear(nn.Linear(64, 32), r=4)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: Union[bool, str] = True,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"r: expected an int >= 1, got {r!r}")
+        if not (0.0 <= lora_dropout < 1.0):
+            raise ValueError(f"lora_dropout: expected a float in [0, 1), got {lora_dropout!r}")
+        if init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(f"init_lora_weights: expected True, False or 'gaussian', got {init_lora_weights!r}")
+        kw = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, **kw), requires_grad=False) if bias else None
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, **kw))
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, **kw))
+        self.r, self.lora_alpha, self.lora_dropout = r, lora_alpha, float(lora_dropout)
+        self.use_rslora, self.backend = use_rslora, backend
+        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.merged = False
+        self._reset_base()
+        self.reset_lora_parameters(init_lora_weights)
+
+    def _reset_base(self) -> None:
+        _kaiming_uniform_(self.weight)
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, init_lora_weights: Union[bool, str] = True) -> None:
+        """PEFT's init: A kaiming-uniform (a = sqrt 5), B = 0; "gaussian": A ~ N(0, 1/r)."""
+        if init_lora_weights is False:
+            _kaiming_uniform_(self.lora_A)
+            _kaiming_uniform_(self.lora_B)
+            return
+        if init_lora_weights == "gaussian":
+            nn.init.normal_(self.lora_A, std=1 / self.r)
+        else:
+            _kaiming_uniform_(self.lora_A)
+        nn.init.zeros_(self.lora_B)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, r: int = 8, **kwargs) -> "LoRALinear":
+        """Wrap ``linear``: the new layer shares (does not copy) its weight and bias, frozen."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight
+        with torch.device("meta"):
+            layer = cls(linear.in_features, linear.out_features, linear.bias is not None, r=r, **kwargs)
+        layer.weight = linear.weight
+        layer.weight.requires_grad_(False)
+        layer.bias = linear.bias
+        if layer.bias is not None:
+            layer.bias.requires_grad_(False)
+        layer.lora_A = nn.Parameter(torch.empty(r, linear.in_features, device=w.device, dtype=w.dtype))
+        layer.lora_B = nn.Parameter(torch.empty(linear.out_features, r, device=w.device, dtype=w.dtype))
+        layer.reset_lora_parameters(kwargs.get("init_lora_weights", True))
+        return layer
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s * B A``, [out, in]: what merging adds to the weight."""
+        return (self.lora_B.float() @ self.lora_A.float() * self.scaling).to(self.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into the frozen weight; forward then runs the base alone."""
+        if not self.merged:
+            self.weight.add_(self.delta_weight())
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo ``merge``."""
+        if self.merged:
+            self.weight.sub_(self.delta_weight())
+            self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return nn.functional.linear(x, self.weight, self.bias)
+        return lora_linear(
+            x, self.weight, self.bias, self.lora_A, self.lora_B, scaling=self.scaling,
+            dropout_p=self.lora_dropout if self.training else 0.0, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, r={self.r}, lora_alpha={self.lora_alpha}, "
+                f"lora_dropout={self.lora_dropout}, scaling={self.scaling:g}, merged={self.merged}, "
+                f"backend={self.backend!r}")
+
+
+class AdapterBank(nn.Module):
+    """G adapters for one base layer, stored as banks ``A [G, r, in]`` and ``B [G, out, r]``.
+
+    ``forward(x, adapter_index)`` runs one adapter per row (-1: the base alone), as in
+    multi-adapter serving.
+
+    >>> base = nn.Linear(64, 32)
+    >>> bank = AdapterBank(base, num_adapters=4, r=8)
+    >>> idx = torch.tensor([0, 3, -1])
+    >>> bank(torch.randn(3, 64), idx).shape
+    torch.Size([3, 32])
+    """
+
+    def __init__(self, base: nn.Linear, num_adapters: int, r: int = 8, lora_alpha: float = 8,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        if num_adapters < 1:
+            raise ValueError(f"num_adapters: expected >= 1, got {num_adapters}")
+        if r < 1:
+            raise ValueError(f"r: expected an int >= 1, got {r!r}")
+        w = base.weight
+        self.base, self.r, self.backend = base, r, backend
+        base.requires_grad_(False)
+        self.lora_A = nn.Parameter(torch.empty(num_adapters, r, base.in_features, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(num_adapters, base.out_features, r, device=w.device, dtype=w.dtype))
+        self.register_buffer("scaling", torch.full((num_adapters,), lora_alpha / r, device=w.device))
+        for a in self.lora_A.data:
+            _kaiming_uniform_(a)
+
+    def forward(self, x: torch.Tensor, adapter_index: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = lora_linear(x.reshape(-1, x.shape[-1]), self.base.weight, self.base.bias, self.lora_A, self.lora_B,
+                        scaling=self.scaling, adapter_index=adapter_index.reshape(-1), backend=self.backend)
+        return y.reshape(*lead, -1)

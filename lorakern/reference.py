@@ -1,0 +1,216 @@
+"""The float64 oracle the tests trust, and the portable ``torch`` backend CPUs run.
+
+``reference_lora_linear`` is written for clarity, straight from DESIGN.md section 1, with the
+dropout keep-mask passed in explicitly. ``forward`` / ``backward`` below are the ``torch``
+backend (the interface of ARCHITECTURE.md): aten ops only, no M x N temporaries beyond y and
+dx themselves, the keep-mask regenerated from a seeded generator, never stored.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+__all__ = ["reference_lora_linear", "forward", "backward", "dropout_keep", "available"]
+
+
+def reference_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    *,
+    scaling: Union[float, torch.Tensor] = 1.0,
+    rank_scale: Optional[torch.Tensor] = None,
+    rank_mask: Optional[torch.Tensor] = None,
+    out_scale: Optional[torch.Tensor] = None,
+    keep: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    adapter_index: Optional[torch.Tensor] = None,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """The op in ``dtype`` (float64 by default): differentiable, a loop over adapters.
+
+    ``keep`` is the bool dropout keep-mask [M, K] (None: no dropout).
+
+    >>> x, W, A, B = torch.randn(3, 5), torch.randn(4, 5), torch.randn(2, 5), torch.randn(4, 2)
+    >>> reference_lora_linear(x, W, None, A, B, scaling=0.5).dtype
+    torch.float64
+    """
+    c = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    K = weight.shape[1]
+    lead = x.shape[:-1]
+    x2 = c(x).reshape(-1, K)
+    y = x2 @ c(weight).T
+    if bias is not None:
+        y = y + c(bias)
+    xd = x2 if keep is None else x2 * keep.reshape(x2.shape).to(dtype) / (1.0 - dropout_p)
+    banked = lora_A.dim() == 3
+    G = lora_A.shape[0] if banked else 1
+    rows = torch.ones(x2.shape[0], dtype=torch.bool, device=x.device)
+    for g in range(G):
+        if banked:
+            rows = (adapter_index == g).to(x.device)
+        pick = (lambda t: None if t is None else (t[g] if banked and t.dim() >= 2 else t))  # noqa: E731
+        A, B = c(pick(lora_A)), c(pick(lora_B))
+        s = scaling[g] if isinstance(scaling, torch.Tensor) and scaling.dim() == 1 else scaling
+        s = c(s) if isinstance(s, torch.Tensor) else s
+        u, m, v = c(pick(rank_scale)), pick(rank_mask), c(pick(out_scale))
+        q = xd[rows] @ A.T
+        t = s * q
+        if u is not None:
+            t = t * u
+        if m is not None:
+            t = t * m.to(dtype)
+        delta = t @ B.T
+        if v is not None:
+            delta = delta * v
+        y = y.index_put((rows.nonzero().flatten(),), y[rows] + delta)
+    return y.reshape(*lead, weight.shape[0])
+
+
+# --------------------------------------------------------------------------- the torch backend
+
+
+def available() -> tuple[bool, str]:
+    return True, ""
+
+
+def dropout_keep(seed: int, M: int, K: int, p: float, device) -> torch.Tensor:
+    """The torch backend's keep-mask: bool [M, K], a pure function of (seed, M, K, p, device)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed))
+    return torch.empty(M, K, device=device, dtype=torch.float32).bernoulli_(1.0 - p, generator=gen).bool()
+
+
+def _dropped(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    if p == 0.0:
+        return x
+    keep = dropout_keep(seed, x.shape[0], x.shape[1], p, x.device)
+    return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
+
+
+def _pick_ranks(A, B, rank_scale, rank_idx):
+    """The active ranks of A [.., R, K], B [.., N, R], rank_scale [.., R] (small copies)."""
+    if rank_idx is None:
+        return A, B, rank_scale
+    A = A.index_select(-2, rank_idx)
+    B = B.index_select(-1, rank_idx)
+    if rank_scale is not None:
+        rank_scale = rank_scale.index_select(-1, rank_idx)
+    return A, B, rank_scale
+
+
+def _rank_factor(scaling, rank_scale):
+    """s * u over the active ranks, float32 [Ra] (or a float when there is no u)."""
+    if rank_scale is None:
+        return scaling
+    return rank_scale.float() * scaling
+
+
+def _groups(adapter_index: torch.Tensor, G: int):
+    """(g, rows) for every adapter that has rows."""
+    order = torch.argsort(adapter_index, stable=True)
+    counts = torch.bincount(adapter_index + 1, minlength=G + 1).tolist()
+    start = counts[0]  # rows with -1 come first and are skipped
+    for g in range(G):
+        n = counts[g + 1]
+        if n:
+            yield g, order[start:start + n]
+        start += n
+
+
+def forward(x, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx, out_scale,
+            dropout_p, seed, adapter_index):
+    """(y, q): base GEMM into y, then the rank-r update added in place (addmm)."""
+    y = torch.addmm(bias, x, weight.T) if bias is not None else torch.mm(x, weight.T)
+    xd = _dropped(x, dropout_p, seed)
+    A, B, u = _pick_ranks(lora_A, lora_B, rank_scale, rank_idx)
+    if adapter_index is None:
+        q = torch.mm(xd, A.T).float()
+        Bv = B if out_scale is None else B * out_scale[:, None]
+        y.addmm_((q * _rank_factor(scaling, u)).to(y.dtype), Bv.T)
+        return y, q
+    q = torch.zeros(x.shape[0], A.shape[-2], device=x.device, dtype=torch.float32)
+    for g, rows in _groups(adapter_index, lora_A.shape[0]):
+        s = scaling_g[g] if scaling_g is not None else scaling
+        ug = None if u is None else (u[g] if u.dim() == 2 else u)
+        vg = None if out_scale is None else (out_scale[g] if out_scale.dim() == 2 else out_scale)
+        qg = torch.mm(xd[rows], A[g].T).float()
+        q[rows] = qg
+        Bv = B[g] if vg is None else B[g] * vg[:, None]
+        y.index_add_(0, rows, torch.mm((qg * _rank_factor(s, ug)).to(y.dtype), Bv.T))
+    return y, q
+
+
+def _adapter_grads(g, xd, q, A, B, s, u, v, needs_A, needs_B, needs_u, needs_v):
+    """Gradients of one adapter over its rows: (dq, dA, dB, du, dv) over the active ranks."""
+    f = _rank_factor(s, u)
+    t = q * f
+    Bv = B if v is None else B * v[:, None]
+    dt = torch.mm(g, Bv.to(g.dtype)).float()
+    dq = dt * f
+    dA = torch.mm(dq.T.to(xd.dtype), xd) if needs_A else None
+    dB = dv = None
+    if needs_B or needs_v:
+        P = torch.mm(g.T, t.to(g.dtype)).float()  # g^T t, [N, Ra]: serves dB and dv
+        if needs_B:
+            dB = P if v is None else P * v[:, None].float()
+        if needs_v:
+            dv = (P * B.float()).sum(1)
+    du = (dt * q).sum(0) * s if needs_u else None
+    return dq, dA, dB, du, dv
+
+
+def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx, out_scale,
+             dropout_p, seed, adapter_index, q, needs):
+    """Gradients per DESIGN.md section 1; nothing is computed for a frozen input."""
+    n_x, n_w, n_b, n_A, n_B, n_u, n_v = needs
+    g = grad_y
+    keep = dropout_keep(seed, x.shape[0], x.shape[1], dropout_p, x.device) if dropout_p > 0 else None
+    inv = 1.0 / (1.0 - dropout_p)
+    xd = x if keep is None else x * keep.to(x.dtype) * inv
+    A, B, u = _pick_ranks(lora_A, lora_B, rank_scale, rank_idx)
+    zeros = lambda t, n, dt=None: torch.zeros(t.shape, dtype=dt or t.dtype, device=t.device) if n else None  # noqa: E731
+    dA, dB = zeros(lora_A, n_A), zeros(lora_B, n_B)
+    du = zeros(rank_scale, n_u, torch.float32)
+    dv = zeros(out_scale, n_v, torch.float32)
+    ridx = rank_idx if rank_idx is not None else torch.arange(A.shape[-2], device=x.device)
+    dx = torch.mm(g, weight) if n_x else None
+
+    def one(gi, rows):
+        s = scaling if gi is None or scaling_g is None else scaling_g[gi]
+        Ag, Bg = (A, B) if gi is None else (A[gi], B[gi])
+        ug = None if u is None else (u if u.dim() == 1 else u[gi])
+        vg = None if out_scale is None else (out_scale if out_scale.dim() == 1 else out_scale[gi])
+        sub = (lambda t: t) if rows is None else (lambda t: t[rows])  # noqa: E731
+        dq, dAg, dBg, dug, dvg = _adapter_grads(sub(g), sub(xd), sub(q), Ag, Bg, s, ug, vg, n_A, n_B, n_u, n_v)
+        at = lambda t: t if gi is None else t[gi]  # noqa: E731
+        if dAg is not None:
+            at(dA).index_copy_(0, ridx, dAg.to(dA.dtype))
+        if dBg is not None:
+            at(dB).index_copy_(1, ridx, dBg.to(dB.dtype))
+        if dug is not None:
+            (du if du.dim() == 1 else du[gi]).index_add_(0, ridx, dug)
+        if dvg is not None:
+            (dv if dv.dim() == 1 else dv[gi]).add_(dvg)
+        if dx is not None:
+            dxa = torch.mm(dq.to(dx.dtype), Ag)
+            if keep is not None:
+                dxa.mul_(sub(keep).to(dx.dtype)).mul_(inv)
+            if rows is None:
+                dx.add_(dxa)
+            else:
+                dx.index_add_(0, rows, dxa)
+
+    if adapter_index is None:
+        one(None, None)
+    else:
+        for gi, rows in _groups(adapter_index, lora_A.shape[0]):
+            one(gi, rows)
+    dW = torch.mm(g.T, x) if n_w else None
+    db = g.sum(0) if n_b else None
+    du = du.to(rank_scale.dtype) if du is not None else None
+    dv = dv.to(out_scale.dtype) if dv is not None else None
+    return dx, dW, db, dA, dB, du, dv
