@@ -156,12 +156,18 @@ def _check_args(x, weight, bias, A, B, scaling, rank_scale, rank_mask, out_scale
         raise ValueError(f"adapter_index: expected device {x.device} (that of x), got {adapter_index.device}")
     if adapter_index.dim() != 1 or adapter_index.shape[0] != M:
         raise ValueError(f"adapter_index: expected shape [{M}] (one per row of x), got {_shape(adapter_index)}")
-    if M:
+    if M and not _no_sync(x):
         lo, hi = (int(v) for v in torch.aminmax(adapter_index))
         if lo < -1 or hi >= G:
             bad = lo if lo < -1 else hi
             raise ValueError(f"adapter_index: expected values in [-1, {G}), got {bad}")
     return M, K, N, R, G
+
+
+def _no_sync(x: torch.Tensor) -> bool:
+    """True where a host sync is impossible (graph capture, torch.compile): value checks are
+    skipped there and kernels treat an out-of-range adapter index as -1 (base only)."""
+    return torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 # --------------------------------------------------------------------------- rank-mask compaction
@@ -340,7 +346,7 @@ def lora_linear(
     if rank_mask is not None:
         m = rank_mask.to(x.dtype)
         rank_scale = m if rank_scale is None else rank_scale * m
-        if not torch.compiler.is_compiling():
+        if not _no_sync(x):
             rank_idx = _active_ranks(rank_mask)
             if rank_idx is not None and rank_idx.numel() == 0:  # no active rank: the base alone
                 return torch.nn.functional.linear(x, weight, bias)
