@@ -196,21 +196,32 @@ def _active_ranks(rank_mask: torch.Tensor) -> Optional[torch.Tensor]:
 # --------------------------------------------------------------------------- the registered ops
 
 
+def _seed_int(seed: Optional[torch.Tensor]) -> int:
+    """The dropout seed: a CPU int64 scalar tensor through the op (so torch.compile can trace
+    drawing it from torch's generator), a Python int for the backends."""
+    return 0 if seed is None else int(seed)
+
+
+def _qdtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+
 @torch.library.custom_op("lorakern::lora_linear_fwd", mutates_args=())
 def _fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
     lora_B: torch.Tensor, scaling: float, scaling_g: Optional[torch.Tensor],
     rank_scale: Optional[torch.Tensor], rank_idx: Optional[torch.Tensor],
-    out_scale: Optional[torch.Tensor], dropout_p: float, seed: int,
+    out_scale: Optional[torch.Tensor], dropout_p: float, seed: Optional[torch.Tensor],
     adapter_index: Optional[torch.Tensor], backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     M, N = x.shape[0], weight.shape[0]
     Ra = lora_A.shape[-2] if rank_idx is None else rank_idx.shape[0]
     if M == 0:
-        return x.new_empty(0, N), torch.empty(0, Ra, device=x.device, dtype=torch.float32)
+        return x.new_empty(0, N), torch.empty(0, Ra, device=x.device, dtype=_qdtype(x))
     return get_backend(backend).forward(
         x, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx, out_scale,
-        dropout_p, seed, adapter_index,
+        dropout_p, _seed_int(seed), adapter_index,
     )
 
 
@@ -219,7 +230,7 @@ def _fwd_fake(x, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, r
               dropout_p, seed, adapter_index, backend):
     Ra = lora_A.shape[-2] if rank_idx is None else rank_idx.shape[0]
     y = x.new_empty(x.shape[0], weight.shape[0])
-    q = x.new_empty(x.shape[0], Ra, dtype=torch.float32)
+    q = x.new_empty(x.shape[0], Ra, dtype=_qdtype(x))
     return y, q
 
 
@@ -231,7 +242,7 @@ def _bwd(
     grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
     lora_B: torch.Tensor, scaling: float, scaling_g: Optional[torch.Tensor],
     rank_scale: Optional[torch.Tensor], rank_idx: Optional[torch.Tensor],
-    out_scale: Optional[torch.Tensor], dropout_p: float, seed: int,
+    out_scale: Optional[torch.Tensor], dropout_p: float, seed: Optional[torch.Tensor],
     adapter_index: Optional[torch.Tensor], q: torch.Tensor, needs: list[bool], backend: str,
 ) -> list[torch.Tensor]:
     if x.shape[0] == 0:
@@ -239,7 +250,7 @@ def _bwd(
     else:
         grads = get_backend(backend).backward(
             grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx,
-            out_scale, dropout_p, seed, adapter_index, q, tuple(needs),
+            out_scale, dropout_p, _seed_int(seed), adapter_index, q, tuple(needs),
         )
     # custom ops return tensors only: an empty tensor stands for "not computed"
     return [g if g is not None else x.new_empty(0) for g in grads]
@@ -265,14 +276,14 @@ def _setup_context(ctx, inputs, output):
      backend) = inputs
     _, q = output
     ctx.needs = [bool(ctx.needs_input_grad[i]) for i in (0, 1, 2, 3, 4, 7, 9)]
-    ctx.scalars = (scaling, p, seed, backend)
-    ctx.save_for_backward(x, weight, A, B, scaling_g, rank_scale, rank_idx, out_scale, adapter_index, q)
+    ctx.scalars = (scaling, p, backend)
+    ctx.save_for_backward(x, weight, A, B, scaling_g, rank_scale, rank_idx, out_scale, adapter_index, q, seed)
     ctx.mark_non_differentiable(q)
 
 
 def _backward(ctx, grad_y, grad_q):
-    x, weight, A, B, scaling_g, rank_scale, rank_idx, out_scale, adapter_index, q = ctx.saved_tensors
-    scaling, p, seed, backend = ctx.scalars
+    x, weight, A, B, scaling_g, rank_scale, rank_idx, out_scale, adapter_index, q, seed = ctx.saved_tensors
+    scaling, p, backend = ctx.scalars
     needs = ctx.needs
     if not any(needs):
         return (None,) * 14
@@ -326,12 +337,11 @@ def lora_linear(
     name = resolve_backend(backend, x, M, K, N, R)
 
     dropout_p = float(dropout_p)
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not (0 <= seed < 2**62)):
+        raise ValueError(f"seed: expected an int in [0, 2**62) or None, got {seed!r}")
+    seed_t = None
     if dropout_p > 0.0:
-        if seed is None:
-            seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-        elif not isinstance(seed, int) or isinstance(seed, bool) or not (0 <= seed < 2**63):
-            raise ValueError(f"seed: expected an int in [0, 2**63) or None, got {seed!r}")
-    seed = int(seed or 0) if dropout_p > 0.0 else 0
+        seed_t = torch.randint(0, 2**31 - 1, ()) if seed is None else torch.tensor(seed, dtype=torch.int64)
 
     scaling_g = None
     if isinstance(scaling, torch.Tensor):
@@ -358,5 +368,5 @@ def lora_linear(
     if adapter_index is not None:
         adapter_index = adapter_index.to(torch.int64)
     y, _ = _fwd(x2, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx, out_scale,
-                dropout_p, seed, adapter_index, name)
+                dropout_p, seed_t, adapter_index, name)
     return y.reshape(*lead, N)

@@ -91,6 +91,11 @@ def _dropped(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
 
 
+def _qdtype(x: torch.Tensor) -> torch.dtype:
+    """q's dtype: float32, or float64 for float64 inputs."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _pick_ranks(A, B, rank_scale, rank_idx):
     """The active ranks of A [.., R, K], B [.., N, R], rank_scale [.., R] (small copies)."""
     if rank_idx is None:
@@ -103,10 +108,10 @@ def _pick_ranks(A, B, rank_scale, rank_idx):
 
 
 def _rank_factor(scaling, rank_scale):
-    """s * u over the active ranks, float32 [Ra] (or a float when there is no u)."""
+    """s * u over the active ranks, in q's dtype [Ra] (or a float when there is no u)."""
     if rank_scale is None:
         return scaling
-    return rank_scale.float() * scaling
+    return rank_scale.to(_qdtype(rank_scale)) * scaling
 
 
 def _groups(adapter_index: torch.Tensor, G: int):
@@ -128,16 +133,16 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, ran
     xd = _dropped(x, dropout_p, seed)
     A, B, u = _pick_ranks(lora_A, lora_B, rank_scale, rank_idx)
     if adapter_index is None:
-        q = torch.mm(xd, A.T).float()
+        q = torch.mm(xd, A.T).to(_qdtype(x))
         Bv = B if out_scale is None else B * out_scale[:, None]
         y.addmm_((q * _rank_factor(scaling, u)).to(y.dtype), Bv.T)
         return y, q
-    q = torch.zeros(x.shape[0], A.shape[-2], device=x.device, dtype=torch.float32)
+    q = torch.zeros(x.shape[0], A.shape[-2], device=x.device, dtype=_qdtype(x))
     for g, rows in _groups(adapter_index, lora_A.shape[0]):
         s = scaling_g[g] if scaling_g is not None else scaling
         ug = None if u is None else (u[g] if u.dim() == 2 else u)
         vg = None if out_scale is None else (out_scale[g] if out_scale.dim() == 2 else out_scale)
-        qg = torch.mm(xd[rows], A[g].T).float()
+        qg = torch.mm(xd[rows], A[g].T).to(q.dtype)
         q[rows] = qg
         Bv = B[g] if vg is None else B[g] * vg[:, None]
         y.index_add_(0, rows, torch.mm((qg * _rank_factor(s, ug)).to(y.dtype), Bv.T))
@@ -149,16 +154,16 @@ def _adapter_grads(g, xd, q, A, B, s, u, v, needs_A, needs_B, needs_u, needs_v):
     f = _rank_factor(s, u)
     t = q * f
     Bv = B if v is None else B * v[:, None]
-    dt = torch.mm(g, Bv.to(g.dtype)).float()
+    dt = torch.mm(g, Bv.to(g.dtype)).to(q.dtype)
     dq = dt * f
     dA = torch.mm(dq.T.to(xd.dtype), xd) if needs_A else None
     dB = dv = None
     if needs_B or needs_v:
-        P = torch.mm(g.T, t.to(g.dtype)).float()  # g^T t, [N, Ra]: serves dB and dv
+        P = torch.mm(g.T, t.to(g.dtype)).to(q.dtype)  # g^T t, [N, Ra]: serves dB and dv
         if needs_B:
-            dB = P if v is None else P * v[:, None].float()
+            dB = P if v is None else P * v[:, None].to(P.dtype)
         if needs_v:
-            dv = (P * B.float()).sum(1)
+            dv = (P * B.to(P.dtype)).sum(1)
     du = (dt * q).sum(0) * s if needs_u else None
     return dq, dA, dB, du, dv
 
@@ -174,8 +179,8 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, 
     A, B, u = _pick_ranks(lora_A, lora_B, rank_scale, rank_idx)
     zeros = lambda t, n, dt=None: torch.zeros(t.shape, dtype=dt or t.dtype, device=t.device) if n else None  # noqa: E731
     dA, dB = zeros(lora_A, n_A), zeros(lora_B, n_B)
-    du = zeros(rank_scale, n_u, torch.float32)
-    dv = zeros(out_scale, n_v, torch.float32)
+    du = zeros(rank_scale, n_u, q.dtype)
+    dv = zeros(out_scale, n_v, q.dtype)
     ridx = rank_idx if rank_idx is not None else torch.arange(A.shape[-2], device=x.device)
     dx = torch.mm(g, weight) if n_x else None
 
