@@ -1,0 +1,24 @@
+"""The ``triton`` backend (ARCHITECTURE.md's interface): fused LoRA-family kernels in Triton.
+
+>>> from lorakern.triton import available
+>>> available()[0] in (True, False)
+True
+"""
+from __future__ import annotations
+
+import torch
+
+from lorakern.triton.backend import backward, forward
+from lorakern.triton.configs import interpreting
+from lorakern.triton.dropout import dropout_keep
+
+__all__ = ["available", "forward", "backward", "dropout_keep"]
+
+
+def available() -> tuple[bool, str]:
+    """``(True, "")`` on a CUDA GPU, or on CPU under TRITON_INTERPRET=1; else why not, in one line."""
+    if interpreting():
+        return True, ""
+    if not torch.cuda.is_available():
+        return False, "unavailable: no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU)"
+    return True, ""

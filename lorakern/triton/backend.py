@@ -1,0 +1,232 @@
+"""The ``triton`` backend: forward and backward of ARCHITECTURE.md's interface, as kernel launches.
+
+Forward: ``shrink`` (q, unless the GEMM computes it) + ``lora_fwd`` (y). Backward: ``gpass``
+(dt, g^T t, db; one read of g) + ``dx`` (g W + dq A, masked) + ``dA`` (dq^T x~); the per-rank
+and per-column reductions that remain (dB, dv, du: [G, N, Ra] at most) are small torch ops.
+Nothing here syncs with the host, so the op can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+
+from lorakern import alloc
+from lorakern.triton import configs
+from lorakern.triton.backward import dA_kernel, dx_kernel, gpass_kernel
+from lorakern.triton.fused_gemm import lora_fwd_kernel
+from lorakern.triton.grouping import sort_rows
+from lorakern.triton.shrink import shrink_kernel
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check(x: torch.Tensor) -> None:
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"x: the triton backend takes float16, bfloat16 or float32, got {x.dtype}")
+    if x.device.type != "cuda" and not configs.interpreting():
+        raise ValueError(f"x: the triton backend runs on CUDA (or on CPU under TRITON_INTERPRET=1), got {x.device}")
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _vec_strides(t: Optional[torch.Tensor]) -> tuple[int, int]:
+    """(stride over adapters, stride over the last dim) of a [L] or [G, L] vector (0, 0 if None)."""
+    if t is None:
+        return 0, 0
+    return (t.stride(0), t.stride(1)) if t.dim() == 2 else (0, t.stride(0))
+
+
+@dataclass
+class _Adapter:
+    """The adapter arguments as kernels take them: pointers (a dummy for None), strides, flags."""
+    A: torch.Tensor
+    B: torch.Tensor
+    banked: bool
+    G: int
+    Ra: int
+    RP: int
+    scaling: float
+    ridx: Optional[torch.Tensor]
+    u: Optional[torch.Tensor]
+    v: Optional[torch.Tensor]
+    sg: Optional[torch.Tensor]
+    idx: Optional[torch.Tensor]
+    perm: Optional[torch.Tensor]
+
+    @classmethod
+    def make(cls, A, B, scaling, scaling_g, rank_scale, rank_idx, out_scale, adapter_index):
+        banked = A.dim() == 3
+        Ra = A.shape[-2] if rank_idx is None else rank_idx.shape[0]
+        idx = adapter_index.contiguous() if adapter_index is not None else None
+        return cls(A=A, B=B, banked=banked, G=A.shape[0] if banked else 1, Ra=Ra,
+                   RP=max(16, triton.next_power_of_2(Ra)), scaling=float(scaling),
+                   ridx=rank_idx.contiguous() if rank_idx is not None else None, u=rank_scale, v=out_scale,
+                   sg=scaling_g.contiguous() if scaling_g is not None else None, idx=idx, perm=sort_rows(idx))
+
+    def ptrs(self, dummy: torch.Tensor) -> dict:
+        d = lambda t: dummy if t is None else t  # noqa: E731
+        return dict(RIDX=d(self.ridx), U=d(self.u), V=d(self.v), SG=d(self.sg), IDX=d(self.idx), PERM=d(self.perm))
+
+    def A_strides(self):
+        A = self.A
+        return (A.stride(0), A.stride(1), A.stride(2)) if self.banked else (0, A.stride(0), A.stride(1))
+
+    def B_strides(self):
+        B = self.B
+        return (B.stride(0), B.stride(1), B.stride(2)) if self.banked else (0, B.stride(0), B.stride(1))
+
+    def flags(self) -> dict:
+        return dict(HAS_RIDX=self.ridx is not None, HAS_U=self.u is not None, HAS_SG=self.sg is not None,
+                    BANKED=self.banked, HAS_PERM=self.perm is not None)
+
+
+def _launch_opts(cfg: dict) -> dict:
+    return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def forward(x, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx, out_scale,
+            dropout_p, seed, adapter_index):
+    """(y, q) per ARCHITECTURE.md: y [M, N] in x's dtype, q fp32 [M, Ra]."""
+    _check(x)
+    M, K = x.shape
+    N = weight.shape[0]
+    ad = _Adapter.make(lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx, out_scale, adapter_index)
+    p = float(dropout_p)
+    y = alloc.empty((M, N), dtype=x.dtype, device=x.device)
+    q = alloc.empty((M, ad.Ra), dtype=torch.float32, device=x.device)
+    ptrs = ad.ptrs(x)
+    sAg, sAr, sAk = ad.A_strides()
+    sBg, sBn, sBr = ad.B_strides()
+    cfg = configs.fwd(M, N, K, ad.Ra, ad.banked, p > 0)
+    flags = ad.flags()
+    if not cfg["FUSE_Q"]:
+        sc = configs.shrink(M, K, ad.Ra)
+        shrink_kernel[(triton.cdiv(M, sc["BM"]),)](
+            x, lora_A, q, ptrs["RIDX"], ptrs["IDX"], ptrs["PERM"],
+            M, K, ad.Ra, ad.G, p, 1.0 / (1.0 - p), seed,
+            x.stride(0), x.stride(1), sAg, sAr, sAk, q.stride(0),
+            BM=sc["BM"], BK=sc["BK"], RP=ad.RP, DROPOUT=p > 0, HAS_RIDX=flags["HAS_RIDX"],
+            BANKED=ad.banked, HAS_PERM=flags["HAS_PERM"], **_launch_opts(sc))
+    sUg, sUr = _vec_strides(ad.u)
+    sVg, sVn = _vec_strides(ad.v)
+    grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]),)
+    lora_fwd_kernel[grid](
+        x, weight, bias if bias is not None else x, lora_A, lora_B, q, y, ptrs["RIDX"], ptrs["U"], ptrs["V"],
+        ptrs["SG"], ptrs["IDX"], ptrs["PERM"],
+        M, N, K, ad.Ra, ad.G, ad.scaling, p, 1.0 / (1.0 - p), seed,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), bias.stride(0) if bias is not None else 0,
+        sAg, sAr, sAk, sBg, sBn, sBr, sUg, sUr, sVg, sVn, q.stride(0), y.stride(0), y.stride(1),
+        BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], RP=ad.RP, GROUP_M=cfg["GROUP_M"], FUSE_Q=cfg["FUSE_Q"],
+        DROPOUT=p > 0, HAS_BIAS=bias is not None, HAS_V=ad.v is not None, **flags, **_launch_opts(cfg))
+    return y, q
+
+
+def _scatter_ranks(sel: torch.Tensor, like: torch.Tensor, ridx: Optional[torch.Tensor], dim: int) -> torch.Tensor:
+    """``sel`` (the active ranks along ``dim``) placed in a zero tensor shaped like ``like``."""
+    if ridx is None:
+        return sel.to(like.dtype).reshape(like.shape).contiguous()
+    full = torch.zeros(like.shape, dtype=like.dtype, device=like.device)
+    return full.index_copy_(dim, ridx, sel.to(like.dtype).reshape(*like.shape[:dim], -1, *like.shape[dim + 1:]))
+
+
+def _per_adapter(per_g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A [G, L] per-adapter gradient for a [L] (shared: summed) or [G, L] parameter."""
+    return per_g.sum(0) if like.dim() == 1 else per_g
+
+
+def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx, out_scale,
+             dropout_p, seed, adapter_index, q, needs):
+    """(dx, dweight, dbias, dA, dB, drank_scale, dout_scale); None where ``needs`` says so."""
+    _check(x)
+    n_x, n_w, n_b, n_A, n_B, n_u, n_v = needs
+    g = grad_y
+    M, K = x.shape
+    N = weight.shape[0]
+    dev = x.device
+    ad = _Adapter.make(lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx, out_scale, adapter_index)
+    p = float(dropout_p)
+    ptrs = ad.ptrs(x)
+    flags = ad.flags()
+    sAg, sAr, sAk = ad.A_strides()
+    sBg, sBn, sBr = ad.B_strides()
+    sUg, sUr = _vec_strides(ad.u)
+    sVg, sVn = _vec_strides(ad.v)
+    f32 = torch.float32
+    need_dt, need_P = n_x or n_A or n_u, n_B or n_v
+    dt = P = db = None
+    if need_dt or need_P:
+        cfg = configs.gpass(M, N, ad.Ra, _sm_count(dev))
+        n_per = triton.cdiv(triton.cdiv(N, cfg["SPLIT_N"]), cfg["BN"]) * cfg["BN"]
+        split = triton.cdiv(N, n_per)
+        if need_dt:
+            dt = (torch.zeros if split > 1 else alloc.empty)((M, ad.Ra), dtype=f32, device=dev)
+        P = torch.zeros((ad.G, N, ad.Ra), dtype=f32, device=dev) if need_P else None
+        db = torch.zeros(N, dtype=f32, device=dev) if n_b else None
+        gpass_kernel[(triton.cdiv(M, cfg["BM"]), split)](
+            g, lora_B, ptrs["V"], q, dt if dt is not None else q, P if P is not None else q,
+            db if db is not None else q, ptrs["RIDX"], ptrs["U"], ptrs["SG"], ptrs["IDX"], ptrs["PERM"],
+            M, N, ad.Ra, ad.G, ad.scaling, n_per,
+            g.stride(0), g.stride(1), sBg, sBn, sBr, sUg, sUr, sVg, sVn, q.stride(0), ad.Ra,
+            BM=cfg["BM"], BN=cfg["BN"], RP=ad.RP, NEED_DT=need_dt, NEED_P=need_P, NEED_DB=n_b,
+            ATOMIC_DT=split > 1, HAS_V=ad.v is not None, **flags, **_launch_opts(cfg))
+    elif n_b:
+        db = g.sum(0, dtype=f32)
+
+    dx = None
+    if n_x:
+        cfg = configs.dx(M, N, K, ad.Ra)
+        dx = alloc.empty((M, K), dtype=x.dtype, device=dev)
+        grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(K, cfg["BK"]),)
+        dx_kernel[grid](
+            g, weight, lora_A, dt, dx, ptrs["RIDX"], ptrs["U"], ptrs["SG"], ptrs["IDX"], ptrs["PERM"],
+            M, N, K, ad.Ra, ad.G, ad.scaling, p, seed,
+            g.stride(0), g.stride(1), weight.stride(0), weight.stride(1), sAg, sAr, sAk, sUg, sUr,
+            dt.stride(0), dx.stride(0), dx.stride(1),
+            BM=cfg["BM"], BK=cfg["BK"], BN=cfg["BN"], RP=ad.RP, GROUP_M=cfg["GROUP_M"], DROPOUT=p > 0,
+            **flags, **_launch_opts(cfg))
+
+    dA = None
+    if n_A:
+        cfg = configs.dA(M, K, ad.Ra, _sm_count(dev))
+        rows_per = triton.cdiv(triton.cdiv(M, cfg["SPLIT_M"]), cfg["BM"]) * cfg["BM"]
+        buf = torch.zeros((ad.G, ad.Ra, K), dtype=f32, device=dev)
+        dA_kernel[(triton.cdiv(K, cfg["BK"]), triton.cdiv(M, rows_per))](
+            x, dt, buf, ptrs["RIDX"], ptrs["U"], ptrs["SG"], ptrs["IDX"], ptrs["PERM"],
+            M, K, ad.Ra, ad.G, ad.scaling, p, seed, rows_per,
+            x.stride(0), x.stride(1), sUg, sUr, dt.stride(0),
+            BM=cfg["BM"], BK=cfg["BK"], RP=ad.RP, DROPOUT=p > 0, **flags, **_launch_opts(cfg))
+        dA = _scatter_ranks(buf, lora_A, ad.ridx, lora_A.dim() - 2)
+
+    dB = dv = None
+    if need_P:
+        Bsel = lora_B if ad.ridx is None else lora_B.index_select(-1, ad.ridx)
+        Bsel = Bsel.reshape(ad.G, N, ad.Ra)
+        v = None if out_scale is None else out_scale.float().reshape(-1, N)[:, :, None]
+        if n_B:
+            dB = _scatter_ranks(P if v is None else P * v, lora_B, ad.ridx, lora_B.dim() - 1)
+        if n_v:
+            dv = _per_adapter((P * Bsel.float()).sum(-1), out_scale).to(out_scale.dtype)
+
+    du = None
+    if n_u:
+        contrib = dt * q
+        if ad.banked:
+            a = ad.idx
+            a = torch.where((a >= 0) & (a < ad.G), a, 0)
+            per_g = torch.zeros((ad.G, ad.Ra), dtype=f32, device=dev).index_add_(0, a, contrib)
+            per_g = per_g * (ad.sg[:, None] if ad.sg is not None else ad.scaling)
+        else:
+            per_g = contrib.sum(0, keepdim=True) * ad.scaling
+        per_g = _per_adapter(per_g, rank_scale)
+        du = _scatter_ranks(per_g, rank_scale, ad.ridx, rank_scale.dim() - 1)
+
+    dW = torch.mm(g.t(), x) if n_w else None
+    db = db.to(x.dtype) if db is not None else None
+    return dx, dW, db, dA, dB, du, dv

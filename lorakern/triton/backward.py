@@ -1,0 +1,201 @@
+"""Backward kernels: the pass over g (dt, g^T t, db), the dx GEMM, and dA = dq^T x~.
+
+``dq = dt * s * u / (1 - p)`` is never stored: the dx and dA kernels rebuild it from dt with
+the same per-row factor as the forward (the 1 / (1 - p) of dropout folded in), and regenerate
+the keep-mask from the seed.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from lorakern.triton.dropout import keep_tile
+from lorakern.triton.fused_gemm import grouped_pid
+from lorakern.triton.grouping import next_adapter, row_factor, tile_adapters, tile_ranks, tile_rows
+
+
+@triton.jit
+def _gpass_adapter(gt, t, dt, sel, g64, b_ptrs, p_ptrs, V, rn64, nmask, rmask, N, Ra, sBg, sVg, sVn,
+                   NEED_DT: tl.constexpr, NEED_P: tl.constexpr, HAS_V: tl.constexpr, BANKED: tl.constexpr):
+    """One adapter's share of a g tile: dt += g (v*B) over its rows; P[g] += g^T t (atomic)."""
+    dtype = gt.dtype
+    if BANKED:
+        gt = tl.where(sel[:, None], gt, 0.0)
+    if NEED_DT:
+        vb = tl.load(b_ptrs + g64 * sBg, mask=nmask[:, None] & rmask[None, :], other=0.0)
+        if HAS_V:
+            v = tl.load(V + g64 * sVg + rn64 * sVn, mask=nmask, other=0.0)
+            vb = vb.to(tl.float32) * v.to(tl.float32)[:, None]
+        dt = tl.dot(gt, vb.to(dtype), dt)
+    if NEED_P:
+        pt = tl.dot(tl.trans(gt), t.to(dtype))
+        tl.atomic_add(p_ptrs + g64 * N * Ra, pt, mask=nmask[:, None] & rmask[None, :])
+    return dt
+
+
+@triton.jit
+def gpass_kernel(
+    GY, B, V, Q, DT, P, DB, RIDX, U, SG, IDX, PERM,
+    M, N, Ra, G, scaling, n_per_split,
+    sgm, sgn, sBg, sBn, sBr, sUg, sUr, sVg, sVn, sqm, sdtm,
+    BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr,
+    NEED_DT: tl.constexpr, NEED_P: tl.constexpr, NEED_DB: tl.constexpr, ATOMIC_DT: tl.constexpr,
+    HAS_RIDX: tl.constexpr, HAS_U: tl.constexpr, HAS_V: tl.constexpr, HAS_SG: tl.constexpr,
+    BANKED: tl.constexpr, HAS_PERM: tl.constexpr,
+):
+    # Program: BM rows x one slice of n_per_split columns of g, walked in BN steps; g is read
+    # once over the grid. Registers: dt [BM, RP] fp32 (summed over the slice, then stored, or
+    # added atomically when N is split), t [BM, RP], one g tile [BM, BN], one (v*B) tile
+    # [BN, RP]. Each step adds its g^T t tile [BN, RP] (P, fp32 [G, N, Ra]) and the column sums
+    # of g (db) atomically.
+    pm = tl.program_id(0) * BM + tl.arange(0, BM)
+    mmask = pm < M
+    rows = tile_rows(PERM, pm, mmask, HAS_PERM)
+    rr = tl.arange(0, RP)
+    rmask = rr < Ra
+    ranks = tile_ranks(RIDX, rr, Ra, HAS_RIDX)
+    ad = tl.zeros((BM,), tl.int32)
+    if BANKED:
+        ad = tile_adapters(IDX, rows, mmask, G)
+        first = next_adapter(ad, -1, G)
+    qmask = mmask[:, None] & rmask[None, :]
+    t = tl.zeros((BM, RP), tl.float32)
+    if NEED_P:
+        q = tl.load(Q + rows[:, None] * sqm + rr[None, :], mask=qmask, other=0.0)
+        t = q * row_factor(ad, ranks, rr, Ra, scaling, SG, U, sUg, sUr, BM, RP, HAS_SG, HAS_U, BANKED)
+    dt = tl.zeros((BM, RP), tl.float32)
+    n_lo = tl.program_id(1) * n_per_split
+    n_hi = tl.minimum(N, n_lo + n_per_split)
+    for n0 in range(n_lo, n_hi, BN):
+        rn = n0 + tl.arange(0, BN)
+        nmask = rn < n_hi
+        rn64 = rn.to(tl.int64)
+        gt = tl.load(GY + rows[:, None] * sgm + rn64[None, :] * sgn,
+                     mask=mmask[:, None] & nmask[None, :], other=0.0)
+        if NEED_DB:
+            tl.atomic_add(DB + rn, tl.sum(gt.to(tl.float32), axis=0), mask=nmask)
+        b_ptrs = B + rn64[:, None] * sBn + ranks[None, :] * sBr
+        p_ptrs = P + rn64[:, None] * Ra + rr[None, :]
+        if BANKED:
+            g = first
+            while g < G:
+                dt = _gpass_adapter(gt, t, dt, ad == g, g.to(tl.int64), b_ptrs, p_ptrs, V, rn64, nmask, rmask,
+                                    N, Ra, sBg, sVg, sVn, NEED_DT, NEED_P, HAS_V, True)
+                g = next_adapter(ad, g, G)
+        else:
+            dt = _gpass_adapter(gt, t, dt, mmask, 0, b_ptrs, p_ptrs, V, rn64, nmask, rmask,
+                                N, Ra, sBg, sVg, sVn, NEED_DT, NEED_P, HAS_V, False)
+    if NEED_DT:
+        dt_ptrs = DT + rows[:, None] * sdtm + rr[None, :]
+        if ATOMIC_DT:
+            tl.atomic_add(dt_ptrs, dt, mask=qmask)
+        else:
+            tl.store(dt_ptrs, dt, mask=qmask)
+
+
+@triton.jit
+def dx_kernel(
+    GY, W, A, DT, DX, RIDX, U, SG, IDX, PERM,
+    M, N, K, Ra, G, scaling, p, seed,
+    sgm, sgn, swn, swk, sAg, sAr, sAk, sUg, sUr, sdtm, sdxm, sdxk,
+    BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr, GROUP_M: tl.constexpr,
+    DROPOUT: tl.constexpr, HAS_RIDX: tl.constexpr, HAS_U: tl.constexpr, HAS_SG: tl.constexpr,
+    BANKED: tl.constexpr, HAS_PERM: tl.constexpr,
+):
+    # Program: one [BM, BK] tile of dx = g W, the inner loop over N in BN steps; then the
+    # adapter part (dq A) [BM, BK] per adapter in the tile, times keep / (1 - p) (the 1 / (1 - p)
+    # is in dq), added in the epilogue. Registers: two fp32 [BM, BK] accumulators, one g tile
+    # [BM, BN], one W tile [BN, BK], then dq [BM, RP] and one A tile [RP, BK].
+    pid_m, pid_k = grouped_pid(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(K, BK), GROUP_M)
+    pm = pid_m * BM + tl.arange(0, BM)
+    rk = pid_k * BK + tl.arange(0, BK)
+    rn = tl.arange(0, BN)
+    rr = tl.arange(0, RP)
+    mmask, kmask, rmask = pm < M, rk < K, rr < Ra
+    rows = tile_rows(PERM, pm, mmask, HAS_PERM)
+    rk64 = rk.to(tl.int64)
+    g_ptrs = GY + rows[:, None] * sgm + rn[None, :].to(tl.int64) * sgn
+    w_ptrs = W + rn[:, None].to(tl.int64) * swn + rk64[None, :] * swk
+    acc = tl.zeros((BM, BK), tl.float32)
+    for n0 in range(0, N, BN):
+        nmask = rn + n0 < N
+        gt = tl.load(g_ptrs, mask=mmask[:, None] & nmask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=nmask[:, None] & kmask[None, :], other=0.0)
+        acc = tl.dot(gt, w, acc)
+        g_ptrs += BN * sgn
+        w_ptrs += BN * swn
+    ranks = tile_ranks(RIDX, rr, Ra, HAS_RIDX)
+    ad = tl.zeros((BM,), tl.int32)
+    if BANKED:
+        ad = tile_adapters(IDX, rows, mmask, G)
+    inv_keep = 1.0 / (1.0 - p)
+    dq = tl.load(DT + rows[:, None] * sdtm + rr[None, :], mask=mmask[:, None] & rmask[None, :], other=0.0)
+    dq = dq * (row_factor(ad, ranks, rr, Ra, scaling, SG, U, sUg, sUr, BM, RP, HAS_SG, HAS_U, BANKED) * inv_keep)
+    dtype = GY.dtype.element_ty
+    a_ptrs = A + ranks[:, None] * sAr + rk64[None, :] * sAk
+    amask = rmask[:, None] & kmask[None, :]
+    part = tl.zeros((BM, BK), tl.float32)
+    g = next_adapter(ad, -1, G)
+    while g < G:
+        a = tl.load(a_ptrs + g.to(tl.int64) * sAg, mask=amask, other=0.0)
+        part = tl.dot(tl.where((ad == g)[:, None], dq, 0.0).to(dtype), a, part)
+        g = next_adapter(ad, g, G)
+    if DROPOUT:
+        part = tl.where(keep_tile(seed, rows, rk, K, p), part, 0.0)
+    acc += part
+    tl.store(DX + rows[:, None] * sdxm + rk64[None, :] * sdxk, acc.to(DX.dtype.element_ty),
+             mask=mmask[:, None] & kmask[None, :])
+
+
+@triton.jit
+def dA_kernel(
+    X, DT, DA, RIDX, U, SG, IDX, PERM,
+    M, K, Ra, G, scaling, p, seed, rows_per_split,
+    sxm, sxk, sUg, sUr, sdtm,
+    BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr,
+    DROPOUT: tl.constexpr, HAS_RIDX: tl.constexpr, HAS_U: tl.constexpr, HAS_SG: tl.constexpr,
+    BANKED: tl.constexpr, HAS_PERM: tl.constexpr,
+):
+    # Program: one [RP, BK] column tile of dA (fp32 [G, Ra, K]) over one slice of rows_per_split
+    # rows (visiting order), walked in BM steps. Registers: the fp32 accumulator [RP, BK] of the
+    # current adapter, one x~ tile [BM, BK] (keep-mask regenerated) and dq [BM, RP]. Rows come
+    # sorted by adapter, so the accumulator is added to DA (atomically) only when the adapter
+    # changes and at the end.
+    rk = tl.program_id(0) * BK + tl.arange(0, BK)
+    rr = tl.arange(0, RP)
+    kmask, rmask = rk < K, rr < Ra
+    rk64 = rk.to(tl.int64)
+    ranks = tile_ranks(RIDX, rr, Ra, HAS_RIDX)
+    inv_keep = 1.0 / (1.0 - p)
+    dtype = X.dtype.element_ty
+    da_ptrs = DA + rr[:, None].to(tl.int64) * K + rk64[None, :]
+    da_mask = rmask[:, None] & kmask[None, :]
+    m_lo = tl.program_id(1) * rows_per_split
+    m_hi = tl.minimum(M, m_lo + rows_per_split)
+    acc = tl.zeros((RP, BK), tl.float32)
+    cur = tl.program_id(0) * 0 - (1 if BANKED else 0)  # adapter of acc (-1: none yet)
+    for m0 in range(m_lo, m_hi, BM):
+        pm = m0 + tl.arange(0, BM)
+        mmask = pm < m_hi
+        rows = tile_rows(PERM, pm, mmask, HAS_PERM)
+        x = tl.load(X + rows[:, None] * sxm + rk64[None, :] * sxk, mask=mmask[:, None] & kmask[None, :], other=0.0)
+        if DROPOUT:
+            x = tl.where(keep_tile(seed, rows, rk, K, p), x, 0.0)
+        ad = tl.zeros((BM,), tl.int32)
+        if BANKED:
+            ad = tile_adapters(IDX, rows, mmask, G)
+        dq = tl.load(DT + rows[:, None] * sdtm + rr[None, :], mask=mmask[:, None] & rmask[None, :], other=0.0)
+        dq = dq * (row_factor(ad, ranks, rr, Ra, scaling, SG, U, sUg, sUr, BM, RP, HAS_SG, HAS_U, BANKED)
+                   * inv_keep)
+        if BANKED:
+            g = next_adapter(ad, -1, G)
+            while g < G:
+                flush = (g != cur) & (cur >= 0)
+                tl.atomic_add(da_ptrs + cur.to(tl.int64) * Ra * K, acc, mask=da_mask & flush)
+                acc = tl.where(g != cur, 0.0, acc)
+                cur = g
+                acc = tl.dot(tl.trans(tl.where((ad == g)[:, None], dq, 0.0).to(dtype)), x, acc)
+                g = next_adapter(ad, g, G)
+        else:
+            acc = tl.dot(tl.trans(dq.to(dtype)), x, acc)
+    tl.atomic_add(da_ptrs + tl.maximum(cur, 0).to(tl.int64) * Ra * K, acc, mask=da_mask & (cur >= 0))

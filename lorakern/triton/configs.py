@@ -1,0 +1,79 @@
+"""Block sizes per kernel, keyed on (M bucket, N, K, Ra): a small table tuned on an H100.
+
+Under ``TRITON_INTERPRET=1`` every kernel runs one small configuration (16-wide blocks, so
+tests cross block boundaries on tiny shapes). ``OVERRIDE`` lets tests and
+``bench/triton_tune.py`` force entries: ``OVERRIDE["fwd"] = {"FUSE_Q": False}``.
+"""
+from __future__ import annotations
+
+import os
+
+OVERRIDE: dict[str, dict] = {}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _with_override(kind: str, cfg: dict) -> dict:
+    return {**cfg, **OVERRIDE.get(kind, {})}
+
+
+def fwd(M: int, N: int, K: int, Ra: int, banked: bool, dropout: bool) -> dict:
+    """The forward GEMM (and whether it computes q itself, FUSE_Q; never with per-row adapters)."""
+    if interpreting():
+        cfg = dict(BM=16, BN=16, BK=16, GROUP_M=2, num_warps=4, num_stages=1, FUSE_Q=not banked)
+    elif M <= 16:
+        cfg = dict(BM=16, BN=32, BK=256, GROUP_M=1, num_warps=4, num_stages=4, FUSE_Q=True)
+    elif M <= 64:
+        cfg = dict(BM=64, BN=64, BK=128, GROUP_M=1, num_warps=4, num_stages=4, FUSE_Q=True)
+    elif M <= 1024:
+        cfg = dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, FUSE_Q=not dropout)
+    else:
+        cfg = dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, FUSE_Q=False)
+    cfg = _with_override("fwd", cfg)
+    if banked:
+        cfg["FUSE_Q"] = False
+    return cfg
+
+
+def shrink(M: int, K: int, Ra: int) -> dict:
+    if interpreting():
+        return _with_override("shrink", dict(BM=16, BK=16, num_warps=4, num_stages=1))
+    cfg = dict(BM=64, BK=128, num_warps=4, num_stages=4) if M > 1024 else dict(BM=16, BK=256, num_warps=4, num_stages=3)
+    return _with_override("shrink", cfg)
+
+
+def gpass(M: int, N: int, Ra: int, sms: int) -> dict:
+    """The pass over g; SPLIT_N column slices so that the grid fills the GPU."""
+    if interpreting():
+        cfg = dict(BM=16, BN=16, num_warps=4, num_stages=1, SPLIT_N=2)
+    else:
+        bm = 64 if M > 1024 else 16
+        cfg = dict(BM=bm, BN=128, num_warps=4, num_stages=3)
+        rows = -(-M // bm)
+        cfg["SPLIT_N"] = max(1, min(-(-N // 512), -(-2 * sms // rows)))
+    return _with_override("gpass", cfg)
+
+
+def dx(M: int, N: int, K: int, Ra: int) -> dict:
+    if interpreting():
+        cfg = dict(BM=16, BK=16, BN=16, GROUP_M=2, num_warps=4, num_stages=1)
+    elif M <= 64:
+        cfg = dict(BM=max(16, min(64, 1 << (M - 1).bit_length())), BK=64, BN=128, GROUP_M=1, num_warps=4, num_stages=4)
+    elif M <= 1024:
+        cfg = dict(BM=128, BK=128, BN=64, GROUP_M=8, num_warps=8, num_stages=4)
+    else:
+        cfg = dict(BM=128, BK=256, BN=64, GROUP_M=8, num_warps=8, num_stages=3)
+    return _with_override("dx", cfg)
+
+
+def dA(M: int, K: int, Ra: int, sms: int) -> dict:
+    """dA = dq^T x~; SPLIT_M row slices so that the grid fills the GPU."""
+    if interpreting():
+        cfg = dict(BM=16, BK=16, num_warps=4, num_stages=1, SPLIT_M=2)
+    else:
+        cfg = dict(BM=64, BK=128, num_warps=4, num_stages=3)
+        cols = -(-K // cfg["BK"])
+        cfg["SPLIT_M"] = max(1, min(-(-M // 256), -(-2 * sms // cols)))
+    return _with_override("dA", cfg)

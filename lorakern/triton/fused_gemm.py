@@ -1,0 +1,100 @@
+"""Forward GEMM over the concatenated inner dimension: ``y = [x | t] . [W | v*B]^T + b``.
+
+The K loop runs over x / W tiles; the adapter adds one more inner step per adapter present in
+the tile, reading t (from q, scaled by s * u per row) and B (scaled by v) from their own
+pointers: the concatenation is never materialised and y is written once. With ``FUSE_Q`` the K
+loop also accumulates ``q = x~ A^T`` from the x tile it already holds (one kernel for the whole
+forward; the programs with pid_n == 0 write q).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from lorakern.triton.dropout import keep_tile
+from lorakern.triton.grouping import next_adapter, row_factor, tile_adapters, tile_ranks, tile_rows
+
+
+@triton.jit
+def grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) with GROUP_M row blocks sharing each column sweep (L2 reuse of W)."""
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % size_m, (pid % per_group) // size_m
+
+
+@triton.jit
+def lora_fwd_kernel(
+    X, W, BIAS, A, B, Q, Y, RIDX, U, V, SG, IDX, PERM,
+    M, N, K, Ra, G, scaling, p, inv_keep, seed,
+    sxm, sxk, swn, swk, sbias, sAg, sAr, sAk, sBg, sBn, sBr, sUg, sUr, sVg, sVn, sqm, sym, syn,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, GROUP_M: tl.constexpr,
+    FUSE_Q: tl.constexpr, DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RIDX: tl.constexpr,
+    HAS_U: tl.constexpr, HAS_V: tl.constexpr, HAS_SG: tl.constexpr, BANKED: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+):
+    # Program: one [BM, BN] tile of y. Registers: the fp32 accumulator [BM, BN] (plus the fp32
+    # q accumulator [BM, RP] with FUSE_Q), one x tile [BM, BK], one W tile [BK, BN] and one A
+    # tile [BK, RP] per K step; then t [BM, RP] and one B tile [RP, BN] per adapter.
+    pid_m, pid_n = grouped_pid(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
+    pm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    rr = tl.arange(0, RP)
+    mmask, nmask, rmask = pm < M, rn < N, rr < Ra
+    rows = tile_rows(PERM, pm, mmask, HAS_PERM)
+    ranks = tile_ranks(RIDX, rr, Ra, HAS_RIDX)
+    rn64 = rn.to(tl.int64)
+    x_ptrs = X + rows[:, None] * sxm + rk[None, :].to(tl.int64) * sxk
+    w_ptrs = W + rn64[None, :] * swn + rk[:, None].to(tl.int64) * swk
+    a_ptrs = A + ranks[None, :] * sAr + rk[:, None].to(tl.int64) * sAk
+    acc = tl.zeros((BM, BN), tl.float32)
+    qacc = tl.zeros((BM, RP), tl.float32)
+    for k0 in range(0, K, BK):
+        kmask = rk + k0 < K
+        x = tl.load(x_ptrs, mask=mmask[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+        acc = tl.dot(x, w, acc)
+        if FUSE_Q:
+            a = tl.load(a_ptrs, mask=kmask[:, None] & rmask[None, :], other=0.0)
+            if DROPOUT:
+                x = tl.where(keep_tile(seed, rows, rk + k0, K, p), x, 0.0)
+            qacc = tl.dot(x, a, qacc)
+            a_ptrs += BK * sAk
+        x_ptrs += BK * sxk
+        w_ptrs += BK * swk
+    qmask = mmask[:, None] & rmask[None, :]
+    q_ptrs = Q + rows[:, None] * sqm + rr[None, :]
+    if FUSE_Q:
+        q = qacc * inv_keep if DROPOUT else qacc
+        tl.store(q_ptrs, q, mask=qmask & (pid_n == 0))
+    else:
+        q = tl.load(q_ptrs, mask=qmask, other=0.0)
+    ad = tl.zeros((BM,), tl.int32)
+    if BANKED:
+        ad = tile_adapters(IDX, rows, mmask, G)
+    t = q * row_factor(ad, ranks, rr, Ra, scaling, SG, U, sUg, sUr, BM, RP, HAS_SG, HAS_U, BANKED)
+    b_ptrs = B + ranks[:, None] * sBr + rn64[None, :] * sBn
+    bmask = rmask[:, None] & nmask[None, :]
+    if BANKED:
+        g = next_adapter(ad, -1, G)
+        while g < G:
+            g64 = g.to(tl.int64)
+            b = tl.load(b_ptrs + g64 * sBg, mask=bmask, other=0.0)
+            if HAS_V:
+                v = tl.load(V + g64 * sVg + rn64 * sVn, mask=nmask, other=0.0)
+                b = b.to(tl.float32) * v.to(tl.float32)[None, :]
+            tg = tl.where((ad == g)[:, None], t, 0.0)
+            acc = tl.dot(tg.to(X.dtype.element_ty), b.to(X.dtype.element_ty), acc)
+            g = next_adapter(ad, g, G)
+    else:
+        b = tl.load(b_ptrs, mask=bmask, other=0.0)
+        if HAS_V:
+            v = tl.load(V + rn64 * sVn, mask=nmask, other=0.0)
+            b = b.to(tl.float32) * v.to(tl.float32)[None, :]
+        acc = tl.dot(t.to(X.dtype.element_ty), b.to(X.dtype.element_ty), acc)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + rn64 * sbias, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = Y + rows[:, None] * sym + rn64[None, :] * syn
+    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])

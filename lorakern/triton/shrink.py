@@ -1,0 +1,59 @@
+"""Shrink: ``q = x~ A^T`` in fp32, one pass over x with dropout applied in the kernel.
+
+Used by the forward when the GEMM does not compute q itself (per-row adapters, or where the
+configuration table says a separate pass is faster).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from lorakern.triton.dropout import keep_tile
+from lorakern.triton.grouping import next_adapter, tile_adapters, tile_ranks, tile_rows
+
+
+@triton.jit
+def shrink_kernel(
+    X, A, Q, RIDX, IDX, PERM,
+    M, K, Ra, G, p, inv_keep, seed,
+    sxm, sxk, sAg, sAr, sAk, sqm,
+    BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr,
+    DROPOUT: tl.constexpr, HAS_RIDX: tl.constexpr, BANKED: tl.constexpr, HAS_PERM: tl.constexpr,
+):
+    # Program: BM rows (in visiting order) x all RP compacted ranks; loops over K in BK steps.
+    # Registers: the fp32 accumulator [BM, RP], one x tile [BM, BK] and one A tile [BK, RP].
+    # Per-row adapters: each K step dots the x tile (other adapters' rows zeroed) with the A
+    # tile of every adapter present in the tile.
+    pm = tl.program_id(0) * BM + tl.arange(0, BM)
+    mmask = pm < M
+    rows = tile_rows(PERM, pm, mmask, HAS_PERM)
+    rr = tl.arange(0, RP)
+    rmask = rr < Ra
+    ranks = tile_ranks(RIDX, rr, Ra, HAS_RIDX)
+    rk = tl.arange(0, BK)
+    x_ptrs = X + rows[:, None] * sxm + rk[None, :].to(tl.int64) * sxk
+    a_ptrs = A + ranks[None, :] * sAr + rk[:, None].to(tl.int64) * sAk
+    if BANKED:
+        ad = tile_adapters(IDX, rows, mmask, G)
+        first = next_adapter(ad, -1, G)
+    acc = tl.zeros((BM, RP), tl.float32)
+    for k0 in range(0, K, BK):
+        kmask = rk + k0 < K
+        x = tl.load(x_ptrs, mask=mmask[:, None] & kmask[None, :], other=0.0)
+        if DROPOUT:
+            x = tl.where(keep_tile(seed, rows, rk + k0, K, p), x, 0.0)
+        amask = kmask[:, None] & rmask[None, :]
+        if BANKED:
+            g = first
+            while g < G:
+                a = tl.load(a_ptrs + g.to(tl.int64) * sAg, mask=amask, other=0.0)
+                acc = tl.dot(tl.where((ad == g)[:, None], x, 0.0), a, acc)
+                g = next_adapter(ad, g, G)
+        else:
+            a = tl.load(a_ptrs, mask=amask, other=0.0)
+            acc = tl.dot(x, a, acc)
+        x_ptrs += BK * sxk
+        a_ptrs += BK * sAk
+    if DROPOUT:
+        acc = acc * inv_keep
+    tl.store(Q + rows[:, None] * sqm + rr[None, :], acc, mask=mmask[:, None] & rmask[None, :])
