@@ -81,14 +81,15 @@ def dropout_keep(seed: int, M: int, K: int, p: float, device) -> torch.Tensor:
     """The torch backend's keep-mask: bool [M, K], a pure function of (seed, M, K, p, device)."""
     gen = torch.Generator(device=device)
     gen.manual_seed(int(seed))
-    return torch.empty(M, K, device=device, dtype=torch.float32).bernoulli_(1.0 - p, generator=gen).bool()
+    return torch.rand(M, K, device=device, generator=gen) >= p
 
 
-def _dropped(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+def _kept(x: torch.Tensor, p: float, seed: int):
+    """(x * keep, keep, 1 / (1 - p)): the 1/(1-p) is applied to the small [M, Ra] side, not here."""
     if p == 0.0:
-        return x
+        return x, None, 1.0
     keep = dropout_keep(seed, x.shape[0], x.shape[1], p, x.device)
-    return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
+    return torch.where(keep, x, 0), keep, 1.0 / (1.0 - p)
 
 
 def _qdtype(x: torch.Tensor) -> torch.dtype:
@@ -130,10 +131,10 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, ran
             dropout_p, seed, adapter_index):
     """(y, q): base GEMM into y, then the rank-r update added in place (addmm)."""
     y = torch.addmm(bias, x, weight.T) if bias is not None else torch.mm(x, weight.T)
-    xd = _dropped(x, dropout_p, seed)
+    xk, _, inv = _kept(x, dropout_p, seed)
     A, B, u = _pick_ranks(lora_A, lora_B, rank_scale, rank_idx)
     if adapter_index is None:
-        q = torch.mm(xd, A.T).to(_qdtype(x))
+        q = torch.mm(xk, A.T).to(_qdtype(x)).mul_(inv)
         Bv = B if out_scale is None else B * out_scale[:, None]
         y.addmm_((q * _rank_factor(scaling, u)).to(y.dtype), Bv.T)
         return y, q
@@ -142,30 +143,33 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, ran
         s = scaling_g[g] if scaling_g is not None else scaling
         ug = None if u is None else (u[g] if u.dim() == 2 else u)
         vg = None if out_scale is None else (out_scale[g] if out_scale.dim() == 2 else out_scale)
-        qg = torch.mm(xd[rows], A[g].T).to(q.dtype)
+        qg = torch.mm(xk[rows], A[g].T).to(q.dtype).mul_(inv)
         q[rows] = qg
         Bv = B[g] if vg is None else B[g] * vg[:, None]
         y.index_add_(0, rows, torch.mm((qg * _rank_factor(s, ug)).to(y.dtype), Bv.T))
     return y, q
 
 
-def _adapter_grads(g, xd, q, A, B, s, u, v, needs_A, needs_B, needs_u, needs_v):
-    """Gradients of one adapter over its rows: (dq, dA, dB, du, dv) over the active ranks."""
+def _adapter_grads(g, xk, q, A, B, s, u, v, inv, needs_A, needs_B, needs_u, needs_v):
+    """Gradients of one adapter over its rows: (dq / (1-p), dA, dB, du, dv) over the active ranks.
+
+    ``xk`` is x times the keep-mask, unscaled; ``inv`` = 1 / (1 - p) is folded into dq instead.
+    """
     f = _rank_factor(s, u)
     t = q * f
     Bv = B if v is None else B * v[:, None]
     dt = torch.mm(g, Bv.to(g.dtype)).to(q.dtype)
-    dq = dt * f
-    dA = torch.mm(dq.T.to(xd.dtype), xd) if needs_A else None
+    dqk = dt * (f * inv)
+    dA = torch.mm(dqk.T.to(xk.dtype), xk) if needs_A else None
     dB = dv = None
     if needs_B or needs_v:
-        P = torch.mm(g.T, t.to(g.dtype)).to(q.dtype)  # g^T t, [N, Ra]: serves dB and dv
+        P = torch.mm(t.T.to(g.dtype), g).T.to(q.dtype)  # g^T t, [N, Ra]: serves dB and dv
         if needs_B:
             dB = P if v is None else P * v[:, None].to(P.dtype)
         if needs_v:
             dv = (P * B.to(P.dtype)).sum(1)
     du = (dt * q).sum(0) * s if needs_u else None
-    return dq, dA, dB, du, dv
+    return dqk, dA, dB, du, dv
 
 
 def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx, out_scale,
@@ -173,9 +177,7 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, 
     """Gradients per DESIGN.md section 1; nothing is computed for a frozen input."""
     n_x, n_w, n_b, n_A, n_B, n_u, n_v = needs
     g = grad_y
-    keep = dropout_keep(seed, x.shape[0], x.shape[1], dropout_p, x.device) if dropout_p > 0 else None
-    inv = 1.0 / (1.0 - dropout_p)
-    xd = x if keep is None else x * keep.to(x.dtype) * inv
+    xk, keep, inv = _kept(x, dropout_p, seed)
     A, B, u = _pick_ranks(lora_A, lora_B, rank_scale, rank_idx)
     zeros = lambda t, n, dt=None: torch.zeros(t.shape, dtype=dt or t.dtype, device=t.device) if n else None  # noqa: E731
     dA, dB = zeros(lora_A, n_A), zeros(lora_B, n_B)
@@ -190,7 +192,8 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, 
         ug = None if u is None else (u if u.dim() == 1 else u[gi])
         vg = None if out_scale is None else (out_scale if out_scale.dim() == 1 else out_scale[gi])
         sub = (lambda t: t) if rows is None else (lambda t: t[rows])  # noqa: E731
-        dq, dAg, dBg, dug, dvg = _adapter_grads(sub(g), sub(xd), sub(q), Ag, Bg, s, ug, vg, n_A, n_B, n_u, n_v)
+        dqk, dAg, dBg, dug, dvg = _adapter_grads(sub(g), sub(xk), sub(q), Ag, Bg, s, ug, vg, inv,
+                                                 n_A, n_B, n_u, n_v)
         at = lambda t: t if gi is None else t[gi]  # noqa: E731
         if dAg is not None:
             at(dA).index_copy_(0, ridx, dAg.to(dA.dtype))
@@ -200,14 +203,18 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, 
             (du if du.dim() == 1 else du[gi]).index_add_(0, ridx, dug)
         if dvg is not None:
             (dv if dv.dim() == 1 else dv[gi]).add_(dvg)
-        if dx is not None:
-            dxa = torch.mm(dq.to(dx.dtype), Ag)
-            if keep is not None:
-                dxa.mul_(sub(keep).to(dx.dtype)).mul_(inv)
-            if rows is None:
-                dx.add_(dxa)
-            else:
-                dx.index_add_(0, rows, dxa)
+        if dx is None:
+            return
+        if keep is None and rows is None:
+            dx.addmm_(dqk.to(dx.dtype), Ag)
+            return
+        dxa = torch.mm(dqk.to(dx.dtype), Ag)
+        if keep is not None:
+            dxa = torch.where(sub(keep), dxa, 0)
+        if rows is None:
+            dx.add_(dxa)
+        else:
+            dx.index_add_(0, rows, dxa)
 
     if adapter_index is None:
         one(None, None)
