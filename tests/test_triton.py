@@ -1,0 +1,326 @@
+"""The triton backend's own paths against the float64 oracle, outputs poisoned with NaN.
+
+``interpret`` tier: TRITON_INTERPRET=1 on CPU, fp32 and fp16, tiny shapes (16-wide blocks, so
+every shape here crosses block edges). ``gpu`` tier: the same tests on CUDA in bf16, fp16 and
+fp32 on bigger awkward shapes. Kernel variants (q inside the GEMM or a separate shrink, split
+or whole passes, sorted or unsorted rows) are forced through ``configs.OVERRIDE``.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import lorakern
+import lorakern.triton
+from lorakern.alloc import poisoned
+from lorakern.reference import reference_lora_linear
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_CUDA = torch.cuda.is_available()
+
+GRAD_ARGS = ("x", "bias", "lora_A", "lora_B", "rank_scale", "out_scale")
+
+
+def _tiers():
+    out = []
+    for dt in (torch.float32, torch.float16):
+        out.append(pytest.param(("cpu", dt), id=f"interp-{str(dt)[6:]}", marks=pytest.mark.interpret))
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        out.append(pytest.param(("cuda", dt), id=f"cuda-{str(dt)[6:]}", marks=pytest.mark.gpu))
+    return out
+
+
+@pytest.fixture(params=_tiers())
+def env(request):
+    dev, dt = request.param
+    if dev == "cuda" and not HAS_CUDA:
+        pytest.skip("no CUDA device")
+    if dev == "cpu" and not INTERPRET:
+        pytest.skip("needs TRITON_INTERPRET=1")
+    return dev, dt
+
+
+@pytest.fixture
+def override():
+    """Force kernel configurations for one test: ``override("fwd", FUSE_Q=False)``."""
+    from lorakern.triton import configs
+    saved = dict(configs.OVERRIDE)
+
+    def set_(kind, **kw):
+        configs.OVERRIDE[kind] = {**configs.OVERRIDE.get(kind, {}), **kw}
+
+    yield set_
+    configs.OVERRIDE.clear()
+    configs.OVERRIDE.update(saved)
+
+
+def tol(dt: torch.dtype) -> float:
+    return 1e-2 if dt in (torch.float16, torch.bfloat16) else 5e-4
+
+
+def shape(dev, small, big):
+    """Tiny shapes under the interpreter, bigger awkward ones on a GPU."""
+    return small if dev == "cpu" else big
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.double().cpu(), ref.double().cpu()
+    assert not torch.isnan(a).any(), "NaN in the output (an element left unwritten)"
+    den = ref.norm().item()
+    return (a - ref).norm().item() / (den if den > 0 else 1.0)
+
+
+def make(dev, dt, M, K, N, R, *, G=None, bias=True, rank_scale=None, out_scale=None, rank_mask=False, seed=0):
+    """Fresh random inputs; rank_scale / out_scale: None, "shared" ([R] / [N]) or "per" ([G, ...])."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*s, scale=1.0, shift=0.0):
+        return (torch.randn(*s, generator=gen) * scale + shift).to(device=dev, dtype=dt)
+
+    bank = () if G is None else (G,)
+    t = {
+        "x": rnd(M, K),
+        "weight": rnd(N, K, scale=K ** -0.5),
+        "bias": rnd(N) if bias else None,
+        "lora_A": rnd(*bank, R, K, scale=K ** -0.5),
+        "lora_B": rnd(*bank, N, R, scale=R ** -0.5),
+        "rank_scale": None if rank_scale is None else rnd(*(bank if rank_scale == "per" else ()), R, shift=1.0),
+        "out_scale": None if out_scale is None else rnd(*(bank if out_scale == "per" else ()), N, shift=1.0),
+    }
+    kw = {}
+    if rank_mask:
+        m = torch.rand(*bank, R, generator=gen) > 0.4
+        m[..., 0] = True
+        m[..., -1] = False
+        kw["rank_mask"] = m.to(dev)
+    if G is not None:
+        idx = torch.randint(-1, G - 1, (M,), generator=gen)  # adapter G-1 gets no rows
+        idx[0] = -1
+        kw["adapter_index"] = idx.to(dev)
+        kw["scaling"] = (torch.rand(G, generator=gen) + 0.5).to(dev)
+    else:
+        kw["scaling"] = 0.75
+    return t, kw
+
+
+def check(dt, t, kw, *, dropout_p=0.0, seed=11, grads=True):
+    """The op on the triton backend vs the float64 oracle: y and every gradient; returns them."""
+    x = t["x"]
+    M, K = x.shape
+    keep = lorakern.triton.dropout_keep(seed, M, K, dropout_p, x.device) if dropout_p > 0 else None
+    leaves = {k: v.detach().clone().requires_grad_(grads and k in GRAD_ARGS) if v is not None else None
+              for k, v in t.items()}
+    with poisoned():
+        y = lorakern.lora_linear(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_A"], leaves["lora_B"],
+                                 rank_scale=leaves["rank_scale"], out_scale=leaves["out_scale"],
+                                 dropout_p=dropout_p, seed=seed, backend="triton", **kw)
+    refs = {k: v.detach().double().requires_grad_(grads and k in GRAD_ARGS) if v is not None else None
+            for k, v in t.items()}
+    y_ref = reference_lora_linear(refs["x"], refs["weight"], refs["bias"], refs["lora_A"], refs["lora_B"],
+                                  rank_scale=refs["rank_scale"], out_scale=refs["out_scale"], keep=keep,
+                                  dropout_p=dropout_p, **kw)
+    assert y.dtype == x.dtype and y.shape == y_ref.shape
+    e = rel_err(y, y_ref)
+    assert e <= tol(dt), f"y: {e:.2e}"
+    out = {"y": y}
+    if not grads:
+        return out
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(y)
+    names = [k for k in GRAD_ARGS if leaves[k] is not None]
+    with poisoned():
+        got = torch.autograd.grad(y, [leaves[k] for k in names], g)
+    want = torch.autograd.grad(y_ref, [refs[k] for k in names], g.double())
+    for name, a, b in zip(names, got, want):
+        assert a.shape == t[name].shape and a.dtype == t[name].dtype, name
+        e = rel_err(a, b)
+        assert e <= 2 * tol(dt), f"d{name}: {e:.2e}"
+        out["d" + name] = a
+    return out
+
+
+# --------------------------------------------------------------------------- single adapter
+
+
+@pytest.mark.parametrize("fuse_q", [True, False])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_plain(env, override, fuse_q, p):
+    dev, dt = env
+    override("fwd", FUSE_Q=fuse_q)
+    t, kw = make(dev, dt, *shape(dev, (37, 41, 35, 6), (1237, 1000, 777, 13)))
+    check(dt, t, kw, dropout_p=p)
+
+
+@pytest.mark.parametrize("M", [1, 16, 17])
+def test_small_m(env, M):
+    dev, dt = env
+    t, kw = make(dev, dt, M, *shape(dev, (24, 19, 4), (4096, 1031, 16)))
+    check(dt, t, kw, dropout_p=0.2)
+
+
+def test_all_features(env):
+    dev, dt = env
+    t, kw = make(dev, dt, *shape(dev, (29, 33, 31, 8), (515, 763, 1030, 16)),
+                 rank_scale="shared", out_scale="shared", rank_mask=True)
+    out = check(dt, t, kw, dropout_p=0.1)
+    masked = ~kw["rank_mask"]
+    assert (out["dlora_A"][masked] == 0).all() and (out["dlora_B"][:, masked] == 0).all()
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_split_passes(env, override, split):
+    """g-pass with dt stored or added atomically over N slices; dA over one or several row slices."""
+    dev, dt = env
+    override("gpass", SPLIT_N=split)
+    override("dA", SPLIT_M=split)
+    t, kw = make(dev, dt, *shape(dev, (40, 34, 48, 5), (777, 520, 1500, 7)), rank_scale="shared", out_scale="shared")
+    check(dt, t, kw)
+
+
+def test_strided_views(env):
+    """x, W, A, B, bias, rank_scale and out_scale as non-contiguous views, read in place."""
+    dev, dt = env
+    M, K, N, R = shape(dev, (21, 26, 18, 4), (333, 520, 300, 12))
+    t, kw = make(dev, dt, M, K, N, R, rank_scale="shared", out_scale="shared")
+    gen = torch.Generator().manual_seed(5)
+    big = lambda *s: torch.randn(*s, generator=gen).to(device=dev, dtype=dt)  # noqa: E731
+    t["x"] = big(M, 2 * K)[:, ::2]
+    t["weight"] = big(K, N).t() * K ** -0.5
+    t["lora_A"] = (big(3 * R, K) * K ** -0.5)[R:2 * R]
+    t["lora_B"] = big(R, N + 5)[:, 3:N + 3].t()
+    t["bias"] = big(2 * N)[::2]
+    t["rank_scale"] = big(R, 2)[:, 1] + 1.0
+    t["out_scale"] = big(N, 3)[:, 0] + 1.0
+    assert not t["x"].is_contiguous() and not t["lora_B"].is_contiguous()
+    check(dt, t, kw, dropout_p=0.25)
+
+
+# --------------------------------------------------------------------------- banks
+
+
+@pytest.mark.parametrize("scales", ["none", "per", "shared"])
+@pytest.mark.parametrize("sort", [False, True])
+def test_banks(env, monkeypatch, scales, sort):
+    from lorakern.triton import grouping
+    dev, dt = env
+    monkeypatch.setattr(grouping, "SORT_MIN_ROWS", 0 if sort else 1 << 30)
+    s = None if scales == "none" else scales
+    t, kw = make(dev, dt, *shape(dev, (40, 24, 20, 4), (1000, 520, 600, 16)), G=5,
+                 rank_scale=s, out_scale=s, rank_mask=scales == "per")
+    out = check(dt, t, kw, dropout_p=0.2 if sort else 0.0)
+    assert (out["dlora_A"][-1] == 0).all() and (out["dlora_B"][-1] == 0).all(), "adapter with no rows"
+
+
+def test_bank_views(env):
+    """A and B as strided slices of bigger banks (VeRA / Tied-LoRA style), read in place."""
+    dev, dt = env
+    M, K, N, R, G = shape(dev, (23, 20, 18, 4, 3), (500, 384, 520, 8, 4))
+    t, kw = make(dev, dt, M, K, N, R, G=G, out_scale="per")
+    gen = torch.Generator().manual_seed(9)
+    big = lambda *s: torch.randn(*s, generator=gen).to(device=dev, dtype=dt)  # noqa: E731
+    t["lora_A"] = (big(2 * G, 2 * R, K) * K ** -0.5)[::2, 1::2]
+    t["lora_B"] = (big(G, R, N) * R ** -0.5).transpose(1, 2)
+    check(dt, t, kw)
+
+
+def _backend_args(t, kw, dev):
+    """The op's arguments as a backend gets them (no mask, no dropout)."""
+    sg = kw["scaling"].float() if isinstance(kw["scaling"], torch.Tensor) else None
+    s = 1.0 if sg is not None else kw["scaling"]
+    return (t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], s, sg, t["rank_scale"], None,
+            t["out_scale"], 0.0, 0, kw.get("adapter_index"))
+
+
+def test_out_of_range_index_is_base_only(env):
+    """An index outside [-1, G) (possible under graph capture, where values are not checked)
+    reads as -1: the row gets the base only, and no memory outside the bank is touched."""
+    dev, dt = env
+    M, K, N, R, G = shape(dev, (19, 24, 20, 4, 3), (300, 256, 384, 8, 3))
+    t, kw = make(dev, dt, M, K, N, R, G=G, rank_scale="per", out_scale="per")
+    bad = kw["adapter_index"].clone()
+    bad[1::4] = G + 7
+    bad[2::4] = -(2 ** 40)
+    clean = torch.where((bad >= 0) & (bad < G), bad, -1)
+    args = list(_backend_args(t, kw, dev))
+    args[-1] = bad
+    with poisoned():
+        y, q = lorakern.triton.forward(*args)
+    y_ref = reference_lora_linear(*(t[k] for k in ("x", "weight", "bias", "lora_A", "lora_B")),
+                                  rank_scale=t["rank_scale"], out_scale=t["out_scale"], scaling=kw["scaling"],
+                                  adapter_index=clean)
+    assert rel_err(y, y_ref) <= tol(dt)
+    assert (q[clean < 0] == 0).all(), "rows without an adapter hold q = 0"
+
+
+def test_needs_frozen(env):
+    """Only the gradients asked for come back; each equals the one computed with all needs."""
+    dev, dt = env
+    M, K, N, R, G = shape(dev, (20, 24, 18, 4, 3), (300, 256, 384, 8, 3))
+    t, kw = make(dev, dt, M, K, N, R, G=G, rank_scale="per", out_scale="per")
+    args = _backend_args(t, kw, dev)
+    y, q = lorakern.triton.forward(*args)
+    g = torch.randn_like(y)
+    x, w, _bias, A, B, *rest = args
+    bw = lambda needs: lorakern.triton.backward(g, x, w, A, B, *rest, q, needs)  # noqa: E731
+    with poisoned():
+        full = bw((True,) * 7)
+    for i in range(7):
+        needs = tuple(j == i for j in range(7))
+        with poisoned():
+            one = bw(needs)
+        assert all(o is None for j, o in enumerate(one) if j != i)
+        assert torch.equal(one[i], full[i]) or rel_err(one[i], full[i].double()) < 1e-6, i
+
+
+# --------------------------------------------------------------------------- dropout mask
+
+
+def test_dropout_keep_is_the_kernels_mask(env):
+    """q returned by the forward is exactly (x * keep / (1 - p)) A^T with dropout_keep's mask,
+    whichever kernel computes it (shrink, or inside the GEMM), for a seed beyond 32 bits too."""
+    from lorakern.triton import configs
+    dev, dt = env
+    M, K, N, R = shape(dev, (18, 40, 16, 4), (300, 1000, 128, 16))
+    t, kw = make(dev, dt, M, K, N, R)
+    p = 0.4
+    for seed in (3, 2 ** 40 + 5):
+        keep = lorakern.triton.dropout_keep(seed, M, K, p, dev)
+        assert keep.dtype == torch.bool and keep.shape == (M, K)
+        assert abs(keep.float().mean().item() - (1 - p)) < 0.1
+        assert torch.equal(keep, lorakern.triton.dropout_keep(seed, M, K, p, dev))
+        q_ref = (t["x"].double() * keep / (1 - p)) @ t["lora_A"].double().T
+        for fuse in (True, False):
+            configs.OVERRIDE["fwd"] = {"FUSE_Q": fuse}
+            try:
+                with poisoned():
+                    _, q = lorakern.triton.forward(t["x"], t["weight"], None, t["lora_A"], t["lora_B"], 1.0, None,
+                                                   None, None, None, p, seed, None)
+            finally:
+                configs.OVERRIDE.pop("fwd")
+            assert rel_err(q, q_ref) <= tol(dt), (seed, fuse)
+    assert not torch.equal(lorakern.triton.dropout_keep(3, M, K, p, dev), lorakern.triton.dropout_keep(4, M, K, p, dev))
+
+
+def test_dropout_stream_is_philox_of_the_flat_offset(env):
+    """keep[row, col] depends on row * K + col only: the rows of a bigger mask with the same K."""
+    dev, _ = env
+    a = lorakern.triton.dropout_keep(17, 5, 24, 0.5, dev)
+    b = lorakern.triton.dropout_keep(17, 9, 24, 0.5, dev)
+    assert torch.equal(a, b[:5])
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_rejects_float64():
+    x = torch.randn(3, 8, dtype=torch.float64)
+    with pytest.raises(TypeError, match="x: the triton backend takes"):
+        lorakern.triton.forward(x, torch.randn(4, 8, dtype=torch.float64), None, torch.randn(2, 8, dtype=torch.float64),
+                                torch.randn(4, 2, dtype=torch.float64), 1.0, None, None, None, None, 0.0, 0, None)
+
+
+def test_available_says_why():
+    ok, why = lorakern.triton.available()
+    assert ok == (HAS_CUDA or INTERPRET)
+    assert ok or "CUDA" in why
