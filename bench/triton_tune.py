@@ -1,0 +1,272 @@
+"""Check and time the triton backend on a CUDA GPU: one command, under five minutes.
+
+    PYTHONPATH=$PWD python3 bench/triton_tune.py            # correctness of every path, then timings
+    PYTHONPATH=$PWD python3 bench/triton_tune.py --sweep    # also time candidate kernel configurations
+
+Correctness: every path (q fused or not, dropout, rank_scale / mask / out_scale, banks with
+adapter_index incl. -1 rows and empty adapters, strided views) in bf16 / fp16 / fp32 against the
+float64 oracle, forward and gradients. Timings: median of ``triton.testing.do_bench`` (which
+clears L2 before each run; inputs also rotate over three sets) at M in {1, 16, 128, 2048, 8192},
+K = N = 4096, r = 16, bf16, dropout 0 and 0.1; forward and forward+backward (grads of x, A, B,
+W frozen) of F.linear (the floor), the addmm style, and lorakern's triton backend; decode sizes
+also as CUDA-graph replays.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import lorakern
+import lorakern.triton
+from lorakern.alloc import poisoned
+from lorakern.reference import reference_lora_linear
+from lorakern.triton import configs
+
+GRADS = ("x", "lora_A", "lora_B", "bias", "rank_scale", "out_scale")
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    if torch.isnan(a).any():
+        return float("nan")
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def inputs(M, K, N, R, dt, *, G=None, scales=False, mask=False, strided=False, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    rnd = lambda *s, sc=1.0, sh=0.0: (torch.randn(*s, generator=gen, device="cuda") * sc + sh).to(dt)  # noqa: E731
+    bank = () if G is None else (G,)
+    t = dict(x=rnd(M, K), weight=rnd(N, K, sc=K ** -0.5), bias=rnd(N),
+             lora_A=rnd(*bank, R, K, sc=K ** -0.5), lora_B=rnd(*bank, N, R, sc=R ** -0.5),
+             rank_scale=rnd(*bank, R, sh=1.0) if scales else None, out_scale=rnd(*bank, N, sh=1.0) if scales else None)
+    if strided:
+        t["x"] = rnd(M, 2 * K)[:, 1::2]
+        t["lora_A"] = rnd(*bank, 2 * R, K, sc=K ** -0.5)[..., ::2, :]
+        t["lora_B"] = rnd(*bank, R, N, sc=R ** -0.5).transpose(-1, -2)
+    kw = {"scaling": 0.5}
+    if mask:
+        m = torch.rand(*bank, R, generator=gen, device="cuda") > 0.5
+        m[..., 0] = True
+        kw["rank_mask"] = m
+    if G is not None:
+        idx = torch.randint(-1, G - 1, (M,), generator=gen, device="cuda")
+        kw["adapter_index"] = idx
+        kw["scaling"] = torch.rand(G, generator=gen, device="cuda") + 0.5
+    return t, kw
+
+
+def check_case(dt, M, K, N, R, p=0.0, **flags):
+    """Worst relative error over y and every gradient (NaN if an element was left unwritten)."""
+    t, kw = inputs(M, K, N, R, dt, **flags)
+    keep = lorakern.triton.dropout_keep(5, M, K, p, "cuda") if p else None
+    leaves = {k: (v.detach().clone().requires_grad_(k in GRADS) if v is not None else None) for k, v in t.items()}
+    with poisoned():
+        y = lorakern.lora_linear(*(leaves[k] for k in ("x", "weight", "bias", "lora_A", "lora_B")),
+                                 rank_scale=leaves["rank_scale"], out_scale=leaves["out_scale"], dropout_p=p, seed=5,
+                                 backend="triton", **kw)
+        names = [k for k in GRADS if leaves[k] is not None]
+        g = torch.randn_like(y)
+        got = torch.autograd.grad(y, [leaves[k] for k in names], g)
+    refs = {k: (v.detach().double().requires_grad_(k in GRADS) if v is not None else None) for k, v in t.items()}
+    yr = reference_lora_linear(*(refs[k] for k in ("x", "weight", "bias", "lora_A", "lora_B")),
+                               rank_scale=refs["rank_scale"], out_scale=refs["out_scale"], keep=keep, dropout_p=p, **kw)
+    want = torch.autograd.grad(yr, [refs[k] for k in names], g.double())
+    errs = {"y": rel(y, yr), **{"d" + k: rel(a, b) for k, a, b in zip(names, got, want)}}
+    worst = max(errs.values(), key=lambda e: float("inf") if e != e else e)
+    return worst, errs
+
+
+def correctness() -> bool:
+    cases = [
+        ("plain fused-q", dict(fuse=True)), ("plain shrink", dict(fuse=False)),
+        ("dropout 0.1", dict(p=0.1)), ("decode M=1 dropout", dict(M=1, p=0.1)),
+        ("scales+mask", dict(scales=True, mask=True)), ("strided", dict(strided=True, scales=True, p=0.2)),
+        ("bank", dict(G=5)), ("bank scales+mask+dropout", dict(G=5, scales=True, mask=True, p=0.1)),
+        ("bank strided decode", dict(G=3, strided=True, M=16)),
+    ]
+    ok = True
+    print(f"{'case':28s} {'dtype':9s} {'worst rel err':>13s}  (tolerance: fp32 5e-4 / half 1e-2, grads 2x)")
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        tol = 2 * (5e-4 if dt == torch.float32 else 1e-2)
+        for name, c in cases:
+            c = dict(c)
+            configs.OVERRIDE["fwd"] = {"FUSE_Q": c.pop("fuse")} if "fuse" in c else {}
+            M = c.pop("M", 1031)
+            worst, errs = check_case(dt, M, 1000, 777, c.pop("R", 13), **c)
+            configs.OVERRIDE.clear()
+            good = worst <= tol
+            ok &= good
+            bad = "" if good else "  " + " ".join(f"{k}={v:.1e}" for k, v in errs.items())
+            print(f"{name:28s} {str(dt)[6:]:9s} {worst:13.2e}  {'ok' if good else 'FAIL'}{bad}")
+    return ok
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def bench(fn, graph=False):
+    from triton.testing import do_bench
+    if graph:
+        fn()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        return do_bench(g.replay, warmup=25, rep=200, return_mode="median")
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def make_timed(M, K, N, R, p, dt=torch.bfloat16, sets=3):
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    rnd = lambda *s, sc=1.0: (torch.randn(*s, generator=gen, device="cuda") * sc).to(dt)  # noqa: E731
+    W = rnd(N, K, sc=K ** -0.5)
+    A = rnd(R, K, sc=K ** -0.5).requires_grad_()
+    B = rnd(N, R, sc=0.1).requires_grad_()
+    xs = [rnd(M, K).requires_grad_() for _ in range(sets)]
+    gs = [rnd(M, N) for _ in range(sets)]
+    it = [0]
+
+    def nxt():
+        it[0] = (it[0] + 1) % sets
+        return xs[it[0]], gs[it[0]]
+
+    def base(x):
+        return F.linear(x, W)
+
+    def addmm(x):
+        xd = F.dropout(x, p) if p else x
+        return F.linear(x, W).addmm_(xd @ A.T, B.T, alpha=2.0)
+
+    def ours(x):
+        return lorakern.lora_linear(x, W, None, A, B, scaling=2.0, dropout_p=p, backend="triton")
+
+    def fwd(f):
+        def run():
+            with torch.no_grad():
+                f(nxt()[0])
+        return run
+
+    def fwdbwd(f, params):
+        def run():
+            x, g = nxt()
+            torch.autograd.grad(f(x), [x, *params], g)
+        return run
+
+    def kernels_fwd():
+        x = nxt()[0]
+        lorakern.triton.forward(x, W, None, A, B, 2.0, None, None, None, None, p, 5, None)
+
+    return {"base": (fwd(base), fwdbwd(base, [])), "addmm": (fwd(addmm), fwdbwd(addmm, [A, B])),
+            "triton": (fwd(ours), fwdbwd(ours, [A, B])), "kern": (kernels_fwd, None)}
+
+
+def timings(Ms=(1, 16, 128, 2048, 8192), K=4096, N=4096, R=16):
+    print(f"\nbf16 K=N={K} r={R}: median ms (ratio to F.linear); decode rows also as CUDA-graph replays")
+    print(f"{'M':>5s} {'p':>4s} {'mode':7s} {'F.linear':>9s} {'addmm':>15s} {'triton':>15s} {'kernels':>15s}")
+    for M in Ms:
+        for p in (0.0, 0.1):
+            fns = make_timed(M, K, N, R, p)
+            for mode, i in (("fwd", 0), ("fwd+bwd", 1)):
+                modes = [(mode, False)] + ([(mode + " cg", True)] if M <= 16 and i == 0 else [])
+                for label, graph in modes:
+                    tb = bench(fns["base"][i], graph)
+                    cells = []
+                    for name in ("addmm", "triton", "kern"):
+                        f = fns[name][i]
+                        if f is None:
+                            cells.append(f"{'':>15s}")
+                            continue
+                        t = bench(f, graph)
+                        cells.append(f"{t:8.4f} ({t / tb:4.2f})")
+                    print(f"{M:5d} {p:4.1f} {label:7s} {tb:9.4f} " + " ".join(cells), flush=True)
+
+
+def sweep(M=8192, K=4096, N=4096, R=16):
+    """Time candidate configurations of each kernel family (kernels only, bf16, p=0 and 0.1)."""
+    fwd_cands = [
+        dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, FUSE_Q=False),
+        dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, FUSE_Q=True),
+        dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, FUSE_Q=False),
+        dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=4, num_stages=4, FUSE_Q=True),
+        dict(BM=256, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3, FUSE_Q=False),
+    ]
+    dx_cands = [dict(BM=128, BK=256, BN=64, GROUP_M=8, num_warps=8, num_stages=3),
+                dict(BM=128, BK=128, BN=64, GROUP_M=8, num_warps=8, num_stages=4),
+                dict(BM=256, BK=128, BN=64, GROUP_M=8, num_warps=8, num_stages=3)]
+    gpass_cands = [dict(BM=64, BN=128, num_warps=4, num_stages=3), dict(BM=128, BN=64, num_warps=4, num_stages=3),
+                   dict(BM=64, BN=64, num_warps=4, num_stages=4)]
+    dA_cands = [dict(BM=64, BK=128, num_warps=4, num_stages=3), dict(BM=128, BK=64, num_warps=4, num_stages=3),
+                dict(BM=64, BK=64, num_warps=4, num_stages=4)]
+    shrink_cands = [dict(BM=64, BK=128, num_warps=4, num_stages=4), dict(BM=128, BK=64, num_warps=4, num_stages=4),
+                    dict(BM=32, BK=256, num_warps=4, num_stages=3)]
+    dt = torch.bfloat16
+    x = torch.randn(M, K, device="cuda", dtype=dt)
+    W = torch.randn(N, K, device="cuda", dtype=dt) * K ** -0.5
+    A = torch.randn(R, K, device="cuda", dtype=dt) * K ** -0.5
+    B = torch.randn(N, R, device="cuda", dtype=dt) * 0.1
+    g = torch.randn(M, N, device="cuda", dtype=dt)
+    from triton.testing import do_bench
+    tb = do_bench(lambda: F.linear(x, W), return_mode="median")
+    tdx = do_bench(lambda: torch.mm(g, W), return_mode="median")
+    print(f"\nsweep M={M} K={K} N={N} r={R} bf16: F.linear {tb:.4f} ms, g@W {tdx:.4f} ms")
+    for p in (0.0, 0.1):
+        _, q = lorakern.triton.forward(x, W, None, A, B, 2.0, None, None, None, None, p, 5, None)
+        for kind, cands, fn in (
+            ("fwd", fwd_cands, lambda: lorakern.triton.forward(x, W, None, A, B, 2.0, None, None, None, None, p, 5, None)),
+            ("shrink", shrink_cands, lambda: lorakern.triton.forward(x, W, None, A, B, 2.0, None, None, None, None, p, 5,
+                                                                    None)),
+            ("dx", dx_cands, lambda: lorakern.triton.backward(g, x, W, A, B, 2.0, None, None, None, None, p, 5, None, q,
+                                                            (True, False, False, False, False, False, False))),
+            ("gpass", gpass_cands, lambda: lorakern.triton.backward(g, x, W, A, B, 2.0, None, None, None, None, p, 5, None,
+                                                                  q, (False, False, False, False, True, False, False))),
+            ("dA", dA_cands, lambda: lorakern.triton.backward(g, x, W, A, B, 2.0, None, None, None, None, p, 5, None, q,
+                                                            (False, False, False, True, False, False, False))),
+        ):
+            for c in cands:
+                configs.OVERRIDE.clear()
+                if kind == "shrink":
+                    configs.OVERRIDE["fwd"] = {"FUSE_Q": False}
+                configs.OVERRIDE[kind] = c
+                try:
+                    t = do_bench(fn, return_mode="median")
+                    print(f"p={p} {kind:6s} {t:8.4f} ms ({t / (tdx if kind == 'dx' else tb):4.2f}) {c}", flush=True)
+                except Exception as e:  # a config that does not compile (shared memory): say so, go on
+                    print(f"p={p} {kind:6s} failed {c}: {type(e).__name__}: {str(e)[:80]}")
+            configs.OVERRIDE.clear()
+    full = (True, False, False, True, True, False, False)
+    _, q = lorakern.triton.forward(x, W, None, A, B, 2.0, None, None, None, None, 0.0, 5, None)
+    t = do_bench(lambda: lorakern.triton.backward(g, x, W, A, B, 2.0, None, None, None, None, 0.0, 5, None, q, full),
+                 return_mode="median")
+    print(f"backward (dx, dA, dB) kernels: {t:.4f} ms ({t / tdx:.2f} of g@W)")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sweep", action="store_true", help="also time candidate kernel configurations")
+    ap.add_argument("--no-check", action="store_true", help="skip the correctness pass")
+    ap.add_argument("--sweep-only", action="store_true", help="only the configuration sweep")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU")
+        return 2
+    import triton
+    print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
+    t0 = time.time()
+    ok = True
+    if not args.sweep_only:
+        if not args.no_check:
+            ok = correctness()
+            print(f"correctness: {'all ok' if ok else 'FAILURES'} ({time.time() - t0:.0f} s)")
+        timings()
+    if args.sweep or args.sweep_only:
+        sweep()
+    print(f"total {time.time() - t0:.0f} s")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
