@@ -20,7 +20,7 @@ def _gpass_adapter(gt, t, dt, sel, g64, b_ptrs, p_ptrs, V, rn64, nmask, rmask, N
     """One adapter's share of a g tile: dt += g (v*B) over its rows; P[g] += g^T t (atomic)."""
     dtype = gt.dtype
     if BANKED:
-        gt = tl.where(sel[:, None], gt, 0.0)
+        gt = tl.where(sel[:, None], gt, 0.0).to(dtype)
     if NEED_DT:
         vb = tl.load(b_ptrs + g64 * sBg, mask=nmask[:, None] & rmask[None, :], other=0.0)
         if HAS_V:
@@ -180,7 +180,7 @@ def dA_kernel(
         rows = tile_rows(PERM, pm, mmask, HAS_PERM)
         x = tl.load(X + rows[:, None] * sxm + rk64[None, :] * sxk, mask=mmask[:, None] & kmask[None, :], other=0.0)
         if DROPOUT:
-            x = tl.where(keep_tile(seed, rows, rk, K, p), x, 0.0)
+            x = tl.where(keep_tile(seed, rows, rk, K, p), x, 0.0).to(dtype)
         ad = tl.zeros((BM,), tl.int32)
         if BANKED:
             ad = tile_adapters(IDX, rows, mmask, G)

@@ -41,13 +41,13 @@ def shrink_kernel(
         kmask = rk + k0 < K
         x = tl.load(x_ptrs, mask=mmask[:, None] & kmask[None, :], other=0.0)
         if DROPOUT:
-            x = tl.where(keep_tile(seed, rows, rk + k0, K, p), x, 0.0)
+            x = tl.where(keep_tile(seed, rows, rk + k0, K, p), x, 0.0).to(X.dtype.element_ty)
         amask = kmask[:, None] & rmask[None, :]
         if BANKED:
             g = first
             while g < G:
                 a = tl.load(a_ptrs + g.to(tl.int64) * sAg, mask=amask, other=0.0)
-                acc = tl.dot(tl.where((ad == g)[:, None], x, 0.0), a, acc)
+                acc = tl.dot(tl.where((ad == g)[:, None], x, 0.0).to(X.dtype.element_ty), a, acc)
                 g = next_adapter(ad, g, G)
         else:
             a = tl.load(a_ptrs, mask=amask, other=0.0)
