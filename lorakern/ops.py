@@ -348,7 +348,7 @@ def lora_linear(
         if scaling.dim() == 0:
             scaling = float(scaling)
         else:
-            scaling_g = scaling.detach().to(torch.float32)
+            scaling_g = scaling.detach().to(_qdtype(x))
             scaling = 1.0
     scaling = float(scaling)
 
@@ -358,9 +358,9 @@ def lora_linear(
         rank_scale = m if rank_scale is None else rank_scale * m
         if not _no_sync(x):
             rank_idx = _active_ranks(rank_mask)
-            if rank_idx is not None and rank_idx.numel() == 0:  # no active rank: the base alone
-                return torch.nn.functional.linear(x, weight, bias)
-            if rank_mask.dim() == 1 and rank_scale is m:
+            if rank_idx is not None and rank_idx.numel() == 0:
+                rank_idx = None  # no active rank: run unmasked with u * m = 0, so A and B get zero grads
+            elif rank_mask.dim() == 1 and rank_scale is m:
                 rank_scale = None  # the compacted ranks all have mask 1
 
     lead = x.shape[:-1]
