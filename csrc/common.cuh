@@ -1,0 +1,43 @@
+// Shared device helpers: dtype dispatch, the dropout keep-test and the adapter lookup.
+#pragma once
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include "philox.h"
+
+namespace lorakern {
+
+// Dropout on the adapter branch: element (row, col) of a [rows, cols] tensor is kept iff
+// philox_uniform(seed, row * cols + col) > p, and kept elements are scaled by inv = 1 / (1 - p).
+struct Dropout {
+  float p;
+  float inv;
+  uint64_t seed;
+  int64_t cols;  // the row length the offset uses (K of x)
+  __device__ __forceinline__ float factor(int64_t row, int64_t col) const {
+    if (p <= 0.f) return 1.f;
+    return philox_uniform(seed, (uint64_t)(row * cols + col)) > p ? inv : 0.f;
+  }
+};
+
+inline Dropout make_dropout(double p, int64_t seed, int64_t cols) {
+  return Dropout{(float)p, (float)(1.0 / (1.0 - p)), (uint64_t)seed, cols};
+}
+
+// The adapter of row m: 0 without an index; -1 (base only) for -1 or any out-of-range value.
+__device__ __forceinline__ int64_t adapter_of(const int64_t* ai, int64_t m, int64_t G) {
+  if (ai == nullptr) return 0;
+  const int64_t g = ai[m];
+  return (g >= 0 && g < G) ? g : -1;
+}
+
+}  // namespace lorakern
+
+// fp32, fp16 and bf16 only (x's dtype); scalar_t names the element type inside.
+#define LK_DISPATCH(TYPE, NAME, ...)                                            \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                                \
+                     AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__)       \
+                     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)        \
+                     AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))

@@ -1,0 +1,154 @@
+"""The ``cuda`` backend: the csrc extension (CUDA C++ kernels + cuBLAS through ATen).
+
+The library registers ``torch.ops.lorakern_cuda.{forward, backward, dropout_keep}``. It is
+loaded from the prebuilt ``lorakern/_lorakern_cuda*.so`` (``LORAKERN_BUILD_CUDA=1 pip install
+.``) when present, else built on first use with ninja (``torch.utils.cpp_extension.load``, in a
+cached build folder that ninja rebuilds when a source changes).
+
+>>> from lorakern import cuda
+>>> cuda.available()              # doctest: +SKIP
+(True, '')
+>>> python -m lorakern.cuda build  # compile and link here (no GPU needed); prints the library path
+"""
+from __future__ import annotations
+
+import functools
+import glob
+import importlib.util
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+__all__ = ["available", "build", "forward", "backward", "dropout_keep"]
+
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _build_module():
+    sys.path.insert(0, str(_ROOT)) if str(_ROOT) not in sys.path else None
+    import lorakern_build
+
+    return lorakern_build
+
+
+def _nvcc() -> Optional[str]:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        return os.path.join(CUDA_HOME, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def _prebuilt() -> Optional[str]:
+    spec = importlib.util.find_spec("lorakern")
+    for base in spec.submodule_search_locations or []:
+        hits = glob.glob(os.path.join(base, "_lorakern_cuda*.so"))
+        if hits:
+            return hits[0]
+    return None
+
+
+def _jit_archs(lb) -> str:
+    """The visible GPU's architecture when there is one (fast builds), else LORAKERN_CUDA_ARCHS."""
+    if "LORAKERN_CUDA_ARCHS" not in os.environ and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return f"{major}.{minor}"
+    return lb.archs()
+
+
+def build(verbose: bool = False) -> str:
+    """Compile and link the extension with ninja (no GPU needed) and return the library's path."""
+    from torch.utils.cpp_extension import _get_build_directory, load
+
+    lb = _build_module()
+    if torch.version.cuda is None:
+        raise RuntimeError("torch is a CPU-only build")
+    if _nvcc() is None:
+        raise RuntimeError("nvcc not found (set CUDA_HOME)")
+    arch = _jit_archs(lb)
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch
+    tag = f"lorakern_cuda_t{torch.__version__.split('+')[0].replace('.', '_')}_cu{torch.version.cuda.replace('.', '')}" \
+          f"_sm{arch.replace('.', '').replace(';', '_').replace('+PTX', 'p')}"
+    folder = _get_build_directory(tag, verbose)
+    cf = lb.cflags()
+    path = load(name=tag, sources=lb.sources(), extra_include_paths=lb.include_dirs(), extra_cflags=cf["cxx"],
+                extra_cuda_cflags=cf["nvcc"], build_directory=folder, is_python_module=False, verbose=verbose)
+    return path if isinstance(path, str) else os.path.join(folder, f"{tag}.so")
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> tuple[bool, str]:
+    """Load the op library once: (True, "") or (False, one-line reason)."""
+    if hasattr(torch.ops, "lorakern_cuda") and hasattr(torch.ops.lorakern_cuda, "forward"):
+        return True, ""
+    pre = _prebuilt()
+    try:
+        if pre is not None:
+            torch.ops.load_library(pre)
+        else:
+            build()
+    except Exception as e:  # noqa: BLE001 - any build failure makes the backend unavailable
+        line = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        return False, f"unavailable: build failed: {line[:200]}"
+    return True, ""
+
+
+def available() -> tuple[bool, str]:
+    """``(True, "")`` when the extension runs here, else ``(False, "unavailable: <reason>")``."""
+    if torch.version.cuda is None:
+        return False, "unavailable: torch is a CPU-only build"
+    if _prebuilt() is None and _nvcc() is None:
+        return False, "unavailable: nvcc not found (set CUDA_HOME) and no prebuilt extension"
+    if not torch.cuda.is_available():
+        return False, "unavailable: no CUDA GPU"
+    return _load()
+
+
+def _ops():
+    ok, why = _load()
+    if not ok:
+        raise RuntimeError(f"cuda backend {why}")
+    return torch.ops.lorakern_cuda
+
+
+def forward(x, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx, out_scale,
+            dropout_p, seed, adapter_index):
+    """(y, q) per ARCHITECTURE.md; the op has checked every argument, so the C++ value checks
+    (which sync) are skipped."""
+    return _ops().forward(x, weight, bias, lora_A, lora_B, float(scaling), scaling_g, rank_scale, rank_idx,
+                          out_scale, float(dropout_p), int(seed), adapter_index, False)
+
+
+def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx, out_scale,
+             dropout_p, seed, adapter_index, q, needs):
+    """(dx, dweight, dbias, dA, dB, drank_scale, dout_scale); None where ``needs`` is False."""
+    grads = _ops().backward(grad_y, x, weight, lora_A, lora_B, float(scaling), scaling_g, rank_scale, rank_idx,
+                            out_scale, float(dropout_p), int(seed), adapter_index, q, [int(n) for n in needs],
+                            False)
+    return tuple(gr if n else None for gr, n in zip(grads, needs))
+
+
+def dropout_keep(seed: int, M: int, K: int, dropout_p: float, device) -> torch.Tensor:
+    """bool [M, K]: the keep-mask the kernels use (triton's ``tl.rand(seed, row*K+col) > p``)."""
+    return _ops().dropout_keep(int(seed), int(M), int(K), float(dropout_p), torch.device(device))
+
+
+def _main(argv: list[str]) -> int:
+    if argv[:1] != ["build"]:
+        print("usage: python -m lorakern.cuda build   (compile and link csrc/, print the library path)")
+        return 2
+    import time
+
+    t0 = time.time()
+    path = build(verbose="-v" in argv)
+    print(path)
+    print(f"built in {time.time() - t0:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

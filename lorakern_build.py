@@ -1,0 +1,55 @@
+"""How the csrc extension is built, shared by ``setup.py`` (ahead of time) and ``lorakern.cuda`` (JIT).
+
+>>> from lorakern_build import cuda_extension        # in setup.py, with LORAKERN_BUILD_CUDA=1
+>>> ext_modules, cmdclass = cuda_extension()
+"""
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+CSRC = ROOT / "csrc"
+EXT_NAME = "lorakern._lorakern_cuda"  # the prebuilt library's module name (loaded with torch.ops.load_library)
+DEFAULT_ARCHS = "8.0;9.0"
+
+
+def sources() -> list[str]:
+    """The extension's sources: ops.cpp (schemas, checks) and one .cu per kernel family."""
+    return sorted(str(p) for p in CSRC.glob("*.cpp")) + sorted(str(p) for p in CSRC.glob("*.cu"))
+
+
+def include_dirs() -> list[str]:
+    """csrc/ plus the pip CUDA packages' headers (cusparse.h & co. live in nvidia/cu*/include)."""
+    dirs = [str(CSRC)]
+    try:
+        import nvidia  # the pip CUDA runtime packages, when installed
+
+        for base in nvidia.__path__:
+            dirs += sorted(glob.glob(os.path.join(base, "cu*", "include")))
+    except ImportError:
+        pass
+    return dirs
+
+
+def archs() -> str:
+    """``LORAKERN_CUDA_ARCHS`` (``;``-separated, e.g. ``8.0;9.0``), the list torch's builders read."""
+    return os.environ.get("LORAKERN_CUDA_ARCHS", DEFAULT_ARCHS)
+
+
+def cflags() -> dict[str, list[str]]:
+    return {
+        "cxx": ["-O3", "-DNDEBUG"],
+        "nvcc": ["-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "-lineinfo"],
+    }
+
+
+def cuda_extension():
+    """``(ext_modules, cmdclass)`` for setuptools: the CUDAExtension and torch's BuildExtension."""
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs()
+    rel = [os.path.relpath(s, ROOT) for s in sources()]
+    ext = CUDAExtension(EXT_NAME, rel, include_dirs=include_dirs(), extra_compile_args=cflags())
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
