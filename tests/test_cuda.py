@@ -1,0 +1,324 @@
+"""The ``cuda`` backend: its build, its C++ argument checks, its Philox stream and (``gpu``) every path.
+
+Default tier (CPU): the extension compiles and links here (skipped without nvcc), its ops reject
+CPU tensors and bad shapes with an error naming the argument, and csrc/philox.h compiled for the
+host reproduces triton's ``tl.rand`` stream (checked against a pure-torch Philox and against
+triton itself under TRITON_INTERPRET=1 in a subprocess). ``gpu`` tier: every path in bf16, fp16
+and fp32 against the float64 oracle, outputs poisoned with NaN, awkward shapes, banks, gradients.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import lorakern
+from lorakern import cuda
+from lorakern.reference import reference_lora_linear
+
+ROOT = Path(__file__).resolve().parent.parent
+HAS_NVCC = cuda._nvcc() is not None and torch.version.cuda is not None
+HAS_CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def ops():
+    """torch.ops.lorakern_cuda, built (or loaded) once; skipped where it cannot be built."""
+    if not HAS_NVCC:
+        pytest.skip("nvcc or a CUDA build of torch is missing: the extension cannot be built here")
+    cuda.build()
+    cuda._load.cache_clear()
+    ok, why = cuda._load()
+    assert ok, why
+    return torch.ops.lorakern_cuda
+
+
+# --------------------------------------------------------------------------- build and checks (CPU)
+
+
+def test_build_links_a_library(ops):
+    path = cuda.build()
+    assert os.path.isfile(path) and path.endswith(".so"), path
+    assert hasattr(ops, "forward") and hasattr(ops, "backward") and hasattr(ops, "dropout_keep")
+
+
+def test_available_says_why_in_one_line():
+    ok, why = cuda.available()
+    assert ok or (why.startswith("unavailable: ") and "\n" not in why), why
+    if not HAS_CUDA:
+        assert not ok
+
+
+def _args(dev="cpu", M=5, K=12, N=7, R=3, dt=torch.float32):
+    x = torch.randn(M, K, device=dev, dtype=dt)
+    W = torch.randn(N, K, device=dev, dtype=dt)
+    A = torch.randn(R, K, device=dev, dtype=dt)
+    B = torch.randn(N, R, device=dev, dtype=dt)
+    return [x, W, None, A, B, 1.0, None, None, None, None, 0.0, 0, None]
+
+
+def test_cpu_tensors_are_rejected(ops):
+    with pytest.raises(RuntimeError, match=r"x: expected a CUDA tensor, got device cpu"):
+        ops.forward(*_args())
+    x, W, _, A, B, *_ = _args()
+    with pytest.raises(RuntimeError, match=r"x: expected a CUDA tensor, got device cpu"):
+        ops.backward(torch.randn(5, 7), x, W, A, B, 1.0, None, None, None, None, 0.0, 0, None,
+                     torch.randn(5, 3), [1] * 7)
+    with pytest.raises(RuntimeError, match=r"device: expected a CUDA device, got cpu"):
+        ops.dropout_keep(1, 4, 4, 0.1, torch.device("cpu"))
+
+
+def _on_gpu_or_skip():
+    if not HAS_CUDA:
+        pytest.skip("shape checks after the device check need CUDA tensors")
+    return "cuda"
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    (lambda a: a.__setitem__(1, a[1][:, :-1]), r"weight: expected shape \[N, 12\]"),
+    (lambda a: a.__setitem__(4, a[4][:-1]), r"lora_B: expected shape \[7, 3\], got \[6, 3\]"),
+    (lambda a: a.__setitem__(2, a[1][0, :5]), r"bias: expected shape \[7\], got \[5\]"),
+    (lambda a: a.__setitem__(3, a[3].half()), r"lora_A: expected dtype Float \(that of x\), got Half"),
+    (lambda a: a.__setitem__(1, a[1].cpu()), r"weight: expected a CUDA tensor, got device cpu"),
+    (lambda a: a.__setitem__(10, 1.0), r"dropout_p: expected a float in \[0, 1\), got 1"),
+    (lambda a: a.__setitem__(8, torch.tensor([0, 5], device=a[0].device)), r"rank_idx: expected values in \[0, 3\), got 5"),
+    (lambda a: a.__setitem__(12, torch.zeros(5, dtype=torch.long, device=a[0].device)),
+     r"adapter_index: given, so lora_A must be a bank"),
+])
+def test_bad_arguments_name_the_argument(ops, edit, pattern):
+    args = _args(_on_gpu_or_skip())
+    edit(args)
+    with pytest.raises(RuntimeError, match=pattern):
+        ops.forward(*args)
+
+
+def test_out_of_range_adapter_index_is_an_error(ops):
+    dev = _on_gpu_or_skip()
+    x, W, _, A, B, *_ = _args(dev)
+    A3, B3 = torch.stack([A, A]), torch.stack([B, B])
+    ai = torch.tensor([0, 1, -1, 2, 0], device=dev)
+    with pytest.raises(RuntimeError, match=r"adapter_index: expected values in \[-1, 2\), got 2"):
+        ops.forward(x, W, None, A3, B3, 1.0, None, None, None, None, 0.0, 0, ai)
+    # without validation an out-of-range adapter reads nothing: it is treated as -1 (base only)
+    y, q = ops.forward(x, W, None, A3, B3, 1.0, None, None, None, None, 0.0, 0, ai, False)
+    torch.testing.assert_close(y[3], (x[3] @ W.T), rtol=1e-4, atol=1e-4)
+    assert (q[3] == 0).all()
+
+
+# --------------------------------------------------------------------------- Philox stream (CPU)
+
+
+def _torch_philox_uniform(seed: int, off: torch.Tensor) -> torch.Tensor:
+    """Pure-torch Philox-4x32-10 (int64 arithmetic), the tl.rand recipe of ARCHITECTURE.md."""
+    M32 = 0xFFFFFFFF
+    c0, c1 = off & M32, (off >> 32) & M32
+    c2 = torch.zeros_like(off)
+    c3 = torch.zeros_like(off)
+    k0, k1 = seed & M32, (seed >> 32) & M32
+    for _ in range(10):
+        a0, a2 = c0, c2
+        p2 = 0xCD9E8D57 * a2  # < 2**64 but not 2**63: split to stay in int64
+        hi2 = (0xCD9E8D57 * (a2 >> 16) + ((0xCD9E8D57 * (a2 & 0xFFFF)) >> 16)) >> 16
+        hi0 = (0xD2511F53 * (a0 >> 16) + ((0xD2511F53 * (a0 & 0xFFFF)) >> 16)) >> 16
+        c0 = (hi2 & M32) ^ c1 ^ k0
+        c2 = (hi0 & M32) ^ c3 ^ k1
+        c1 = p2 & M32
+        c3 = (0xD2511F53 * a0) & M32
+        k0, k1 = (k0 + 0x9E3779B9) & M32, (k1 + 0xBB67AE85) & M32
+    x = torch.where(c0 >= 2**31, c0 - 2**32, c0)
+    x = torch.where(x < 0, -x - 1, x).to(torch.int32)
+    return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def host_philox(tmp_path_factory):
+    """csrc/philox.h compiled for the host as a tiny shared library (ctypes)."""
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler")
+    d = tmp_path_factory.mktemp("philox")
+    src = d / "p.cpp"
+    src.write_text(textwrap.dedent("""
+        #include "philox.h"
+        extern "C" void uniform(uint64_t seed, const int64_t* off, float* out, int64_t n) {
+          for (int64_t i = 0; i < n; ++i) out[i] = lorakern::philox_uniform(seed, (uint64_t)off[i]);
+        }
+    """))
+    lib = d / "libp.so"
+    subprocess.run([cxx, "-O2", "-shared", "-fPIC", f"-I{ROOT / 'csrc'}", str(src), "-o", str(lib)], check=True)
+    so = ctypes.CDLL(str(lib))
+
+    def run(seed: int, off: torch.Tensor) -> torch.Tensor:
+        off = off.contiguous().to(torch.int64)
+        out = torch.empty(off.shape, dtype=torch.float32)
+        so.uniform(ctypes.c_uint64(seed), ctypes.c_void_p(off.data_ptr()), ctypes.c_void_p(out.data_ptr()),
+                   ctypes.c_int64(off.numel()))
+        return out
+
+    return run
+
+
+def _offsets():
+    g = torch.Generator().manual_seed(0)
+    big = torch.randint(0, 2**40, (300,), generator=g)  # past 2**32: the high counter word matters
+    return torch.cat([torch.arange(700), big, torch.tensor([2**32 - 1, 2**32, 2**33 + 5])])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 12345, 2**31 - 2])
+def test_host_philox_matches_torch_reimplementation(host_philox, seed):
+    off = _offsets()
+    got, want = host_philox(seed, off), _torch_philox_uniform(seed, off)
+    assert torch.equal(got, want)
+    assert 0.45 < got.mean().item() < 0.55 and (got >= 0).all() and (got < 1).all()
+
+
+def test_host_philox_matches_triton_interpreter(host_philox):
+    pytest.importorskip("triton")
+    code = textwrap.dedent("""
+        import sys, torch, triton, triton.language as tl
+        @triton.jit
+        def k(out, off, n, seed, BLOCK: tl.constexpr):
+            i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+            o = tl.load(off + i, mask=i < n, other=0)
+            tl.store(out + i, tl.rand(seed, o), mask=i < n)
+        off = torch.load(sys.argv[1])
+        out = torch.empty(off.shape, dtype=torch.float32)
+        k[(triton.cdiv(off.numel(), 128),)](out, off, off.numel(), int(sys.argv[2]), BLOCK=128)
+        torch.save(out, sys.argv[3])
+    """)
+    d = Path(os.environ.get("PYTEST_TMP", "/tmp")) / f"lk_philox_{os.getpid()}"
+    d.mkdir(exist_ok=True)
+    off = _offsets()
+    torch.save(off, d / "off.pt")
+    for seed in (7, 2**31 - 2):
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        r = subprocess.run([sys.executable, "-c", code, str(d / "off.pt"), str(seed), str(d / "out.pt")],
+                           env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert torch.equal(torch.load(d / "out.pt"), host_philox(seed, off))
+
+
+# --------------------------------------------------------------------------- every path (gpu)
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 5e-4}
+
+
+def _rel(out, ref):
+    assert not torch.isnan(out).any(), "NaN in output"
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _strided(t, step=2):
+    """The same values as a non-contiguous view (every other column of a wider tensor)."""
+    wide = torch.empty(*t.shape[:-1], t.shape[-1] * step, device=t.device, dtype=t.dtype)
+    wide[..., ::step] = t
+    return wide[..., ::step]
+
+
+def _problem(M, K, N, R, G, dt, *, bias, u, mask, v, sg, strided, dropout, seed=1234, gen=None):
+    dev = "cuda"
+    rnd = lambda *s: torch.randn(*s, device=dev, dtype=dt, generator=gen)  # noqa: E731
+    x = rnd(M, K)
+    W = rnd(N, K) / K**0.5
+    b = rnd(N) if bias else None
+    banked = G > 0
+    A = rnd(*((G,) if banked else ()), R, K) / K**0.5
+    B = rnd(*((G,) if banked else ()), N, R)
+    if strided:
+        x, W, A = _strided(x), _strided(W), _strided(A)
+        B = B.transpose(-1, -2).contiguous().transpose(-1, -2)  # column-major B
+    lead = (G,) if banked and u == "g" else ()
+    rank_scale = rnd(*lead, R) if u else None
+    rank_mask = (torch.rand(*lead, R, device=dev, generator=gen) > 0.4) if mask else None
+    if rank_mask is not None:
+        rank_mask.view(-1)[0] = True
+    out_scale = rnd(*((G,) if banked and v == "g" else ()), N) if v else None
+    scaling = torch.rand(G, device=dev, generator=gen) + 0.5 if (banked and sg) else 0.7
+    ai = torch.randint(-1, G, (M,), device=dev, generator=gen) if banked else None
+    return dict(x=x, W=W, b=b, A=A, B=B, scaling=scaling, rank_scale=rank_scale, rank_mask=rank_mask,
+                out_scale=out_scale, dropout_p=dropout, seed=seed, adapter_index=ai)
+
+
+CONFIGS = [
+    # M, K, N, R, G, options
+    (1, 64, 48, 8, 0, {}),
+    (7, 131, 97, 5, 0, dict(bias=True, u="1", v="1")),
+    (16, 256, 130, 16, 0, dict(dropout=0.25, mask=True)),
+    (67, 200, 77, 20, 0, dict(bias=True, u="1", mask=True, v="1", dropout=0.1)),
+    (130, 96, 257, 3, 0, dict(strided=True, bias=True, v="1", dropout=0.3)),
+    (3, 72, 40, 6, 3, dict(u="g", v="g", sg=True)),
+    (13, 136, 61, 9, 4, dict(bias=True, u="1", v="1", mask=True, dropout=0.2)),
+    (97, 80, 33, 17, 5, dict(u="g", v="g", sg=True, mask=True, dropout=0.15)),
+    (300, 128, 64, 8, 2, dict(strided=True, bias=True, v="g", u="g", dropout=0.1)),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dt", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"M{c[0]}K{c[1]}N{c[2]}R{c[3]}G{c[4]}")
+def test_forward_and_every_gradient(ops, cfg, dt):
+    M, K, N, R, G, opt = cfg
+    opts = dict(bias=False, u=None, mask=False, v=None, sg=False, strided=False, dropout=0.0)
+    opts.update(opt)
+    gen = torch.Generator(device="cuda").manual_seed(hash(cfg) % 2**31)
+    P = _problem(M, K, N, R, G, dt, gen=gen, **opts)
+    leaves = {k: P[k] for k in ("x", "W", "b", "A", "B", "rank_scale", "out_scale") if P[k] is not None}
+    for t in leaves.values():
+        t.requires_grad_(True)
+    kw = dict(scaling=P["scaling"], rank_scale=P["rank_scale"], rank_mask=P["rank_mask"], out_scale=P["out_scale"],
+              dropout_p=P["dropout_p"], adapter_index=P["adapter_index"])
+    y = lorakern.lora_linear(P["x"], P["W"], P["b"], P["A"], P["B"], seed=P["seed"], backend="cuda", **kw)
+    keep = cuda.dropout_keep(P["seed"], M, K, P["dropout_p"], "cuda") if P["dropout_p"] > 0 else None
+    d64 = {k: t.detach().double().requires_grad_(True) for k, t in leaves.items()}
+    kw64 = dict(kw, rank_scale=d64.get("rank_scale"), out_scale=d64.get("out_scale"))
+    kw64.pop("dropout_p")
+    ref = reference_lora_linear(d64["x"], d64["W"], d64.get("b"), d64["A"], d64["B"], keep=keep,
+                                dropout_p=P["dropout_p"], **kw64)
+    assert y.dtype == dt and y.shape == (M, N)
+    assert _rel(y, ref.detach()) <= TOL[dt], "forward"
+    gy = torch.randn(M, N, device="cuda", dtype=dt, generator=gen)
+    grads = torch.autograd.grad(y, list(leaves.values()), gy)
+    refs = torch.autograd.grad(ref, list(d64.values()), gy.double())
+    for name, g, r in zip(leaves, grads, refs):
+        assert g.shape == leaves[name].shape, name
+        assert _rel(g, r) <= 2 * TOL[dt], f"d{name}: {_rel(g, r):.2e}"
+
+
+@pytest.mark.gpu
+def test_kernels_write_every_element(ops):
+    """Outputs poisoned with NaN before the kernels run: the decode, expand and shrink paths write everything."""
+    for M in (1, 9, 16, 17, 200):
+        P = _problem(M, 136, 75, 11, 3, torch.bfloat16, bias=True, u="g", mask=False, v="g", sg=True,
+                     strided=False, dropout=0.1)
+        poison = torch.full((8 * M * 75 + 4096,), float("nan"), device="cuda", dtype=torch.bfloat16)
+        del poison  # the caching allocator hands these NaN-filled blocks to the outputs
+        y, q = ops.forward(P["x"], P["W"], P["b"], P["A"], P["B"], 1.0, P["scaling"], P["rank_scale"], None,
+                           P["out_scale"], 0.1, 5, P["adapter_index"])
+        assert not torch.isnan(y).any() and not torch.isnan(q).any(), M
+
+
+@pytest.mark.gpu
+def test_keep_mask_matches_host_philox_and_rate(ops, host_philox):
+    M, K, p, seed = 37, 1031, 0.3, 99
+    keep = cuda.dropout_keep(seed, M, K, p, "cuda").cpu()
+    want = host_philox(seed, torch.arange(M * K)).reshape(M, K) > p
+    assert torch.equal(keep, want)
+    assert abs(keep.float().mean().item() - (1 - p)) < 0.01
+
+
+@pytest.mark.gpu
+def test_frozen_inputs_get_nothing(ops):
+    P = _problem(40, 64, 32, 4, 0, torch.float16, bias=True, u="1", mask=False, v="1", sg=False, strided=False,
+                 dropout=0.0)
+    grads = ops.backward(torch.randn(40, 32, device="cuda", dtype=torch.float16), P["x"], P["W"], P["A"], P["B"],
+                         0.7, None, P["rank_scale"], None, P["out_scale"], 0.0, 0, None,
+                         torch.randn(40, 4, device="cuda"), [0, 0, 0, 1, 0, 0, 0])
+    assert [g.numel() == 0 for g in grads] == [True, True, True, False, True, True, True]
