@@ -85,7 +85,7 @@ def lora_fwd_kernel(
             if HAS_V:
                 v = tl.load(V + g64 * sVg + rn64 * sVn, mask=nmask, other=0.0)
                 b = b.to(tl.float32) * v.to(tl.float32)[None, :]
-            tg = tl.where((ad == g)[:, None], t, 0.0)
+            tg = t * (ad == g).to(tl.float32)[:, None]
             acc = tl.dot(tg.to(X.dtype.element_ty), b.to(X.dtype.element_ty), acc)
             g = next_adapter(ad, g, G)
     else:

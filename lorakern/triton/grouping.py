@@ -58,17 +58,16 @@ def row_factor(ad, ranks, rr, Ra, scaling, SG, U, sUg, sUr, BM: tl.constexpr, RP
     """fp32 [BM, RP]: s * u[rank] of each row's adapter (t = q * factor); 0 off-adapter and past Ra."""
     rmask = rr < Ra
     if BANKED:
-        valid = ad >= 0
-        a = tl.where(valid, ad, 0).to(tl.int64)
+        on = (ad >= 0).to(tl.float32)  # arithmetic, not a select: see NOTES_triton.md (triton 3.6)
+        a = tl.maximum(ad, 0).to(tl.int64)
         if HAS_SG:
-            s = tl.load(SG + a, mask=valid, other=0.0).to(tl.float32)
+            s = tl.load(SG + a).to(tl.float32) * on
         else:
-            s = tl.where(valid, scaling, 0.0)
+            s = scaling * on
         if HAS_U:
-            u = tl.load(U + a[:, None] * sUg + ranks[None, :] * sUr,
-                        mask=valid[:, None] & rmask[None, :], other=0.0).to(tl.float32)
+            u = tl.load(U + a[:, None] * sUg + ranks[None, :] * sUr, mask=rmask[None, :], other=0.0).to(tl.float32)
         else:
-            u = tl.where(rmask, 1.0, 0.0)[None, :] + tl.zeros((BM, RP), tl.float32)
+            u = rmask.to(tl.float32)[None, :] + tl.zeros((BM, RP), tl.float32)
         return s[:, None] * u
     if HAS_U:
         u = tl.load(U + ranks * sUr, mask=rmask, other=0.0).to(tl.float32)
