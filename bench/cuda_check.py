@@ -89,8 +89,96 @@ def bench(M: int, K: int, N: int, R: int, p: float):
     return out
 
 
+def stage_args() -> None:
+    """Direct calls with bad arguments: each must raise a clear error, never crash."""
+    ops = torch.ops.lorakern_cuda
+    d = "cuda"
+    x, W, A, B = (torch.randn(*s, device=d) for s in ((5, 12), (7, 12), (3, 12), (7, 3)))
+    good = [x, W, None, A, B, 1.0, None, None, None, None, 0.0, 0, None]
+    y, q = ops.forward(*good)
+    err = (y - (x @ W.T + (x @ A.T) @ B.T)).abs().max().item()
+    print(f"  direct forward ok, max abs err {err:.1e}", flush=True)
+    edits = {
+        "weight shape": (1, W[:, :-1]), "lora_B shape": (4, B[:-1]), "bias shape": (2, W[0, :5]),
+        "lora_A dtype": (3, A.half()), "weight on cpu": (1, W.cpu()), "dropout 1.0": (10, 1.0),
+        "rank_idx range": (8, torch.tensor([0, 5], device=d)),
+        "adapter_index unbanked": (12, torch.zeros(5, dtype=torch.long, device=d)),
+    }
+    for name, (i, val) in edits.items():
+        args = list(good)
+        args[i] = val
+        print(f"  {name}: ", end="", flush=True)
+        try:
+            ops.forward(*args)
+            print("NO ERROR RAISED", flush=True)
+        except RuntimeError as e:
+            print(str(e).splitlines()[0][:110], flush=True)
+    A3, B3 = torch.stack([A, A]), torch.stack([B, B])
+    ai = torch.tensor([0, 1, -1, 2, 0], device=d)
+    try:
+        ops.forward(x, W, None, A3, B3, 1.0, None, None, None, None, 0.0, 0, ai)
+        print("  adapter_index out of range: NO ERROR RAISED")
+    except RuntimeError as e:
+        print("  adapter_index out of range:", str(e).splitlines()[0][:100])
+    y, q = ops.forward(x, W, None, A3, B3, 1.0, None, None, None, None, 0.0, 0, ai, False)
+    torch.cuda.synchronize()
+    print(f"  unvalidated out-of-range row is base only: {torch.allclose(y[3], x[3] @ W.T, atol=1e-4)}")
+
+
+def stage_paths(dt: torch.dtype) -> int:
+    tol = {torch.bfloat16: 2e-2, torch.float16: 2e-2, torch.float32: 1e-3}[dt]
+    cases = [  # M, K, N, R, G, p, strided, extras
+        (1, 4096, 4096, 16, 0, 0.0, False, False), (5, 264, 136, 8, 0, 0.1, False, True),
+        (16, 520, 300, 16, 0, 0.0, True, True), (67, 131, 97, 5, 0, 0.2, False, True),
+        (300, 256, 130, 20, 0, 0.1, True, True), (3, 72, 40, 6, 3, 0.0, False, True),
+        (13, 136, 61, 9, 4, 0.2, False, True), (130, 80, 33, 17, 5, 0.15, True, False),
+        (2048, 512, 384, 16, 0, 0.1, False, True),
+    ]
+    bad, worst = 0, 0.0
+    for c in cases:
+        tag = f"{str(dt)[6:]} M,K,N,R,G={c[:5]} p={c[5]} strided={c[6]} extras={c[7]}"
+        print(f"  {tag}: ", end="", flush=True)
+        e = check(dt, *c[:5], p=c[5], strided=c[6], extras=c[7])
+        torch.cuda.synchronize()
+        ok = e <= tol
+        bad += not ok
+        worst = max(worst, e) if e == e else float("nan")
+        print(f"rel {e:.2e} {'ok' if ok else 'FAIL'}", flush=True)
+    print(f"check {str(dt)[6:]}: {len(cases)} cases, worst rel err {worst:.2e} (tol {tol:.0e}), {bad} failed")
+    return bad
+
+
+def stage_bench(quick: bool) -> None:
+    print(f"{'M':>5} {'p':>4} | {'F.linear fwd':>12} {'cuda fwd':>9} {'x':>5} | {'F.linear f+b':>12} "
+          f"{'cuda f+b':>9} {'x':>5}   (ms, median, bf16, K=N=4096, r=16)", flush=True)
+    for M in ((1, 128) if quick else (1, 16, 128, 2048, 8192)):
+        for p in (0.0, 0.1):
+            r = bench(M, 4096, 4096, 16, p)
+            (bf, bb), (cf, cb) = r["base"], r["cuda"]
+            print(f"{M:5d} {p:4.1f} | {bf:12.4f} {cf:9.4f} {cf / bf:5.2f} | {bb:12.4f} {cb:9.4f} {cb / bb:5.2f}",
+                  flush=True)
+
+
+def _stage(name: str) -> int:
+    ok, why = cuda.available()
+    if not ok:
+        print(why)
+        return 1
+    if name == "args":
+        stage_args()
+        return 0
+    if name.startswith("paths-"):
+        return stage_paths(getattr(torch, name[6:]))
+    stage_bench(name == "bench-quick")
+    return 0
+
+
 def main() -> int:
-    quick = "--quick" in sys.argv
+    """Build in this process, then run each stage in its own process so a crash is isolated and shown."""
+    import subprocess
+
+    if "--stage" in sys.argv:
+        return _stage(sys.argv[sys.argv.index("--stage") + 1])
     t0 = time.time()
     os.environ.setdefault("CUDA_HOME", "/usr/local/cuda")
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
@@ -99,35 +187,21 @@ def main() -> int:
     print(f"build {time.time() - t0:.0f} s: {path}  available={ok} {why}", flush=True)
     if not ok:
         return 1
-    tol = {torch.bfloat16: 2e-2, torch.float16: 2e-2, torch.float32: 1e-3}
-    cases = [  # M, K, N, R, G, p, strided, extras
-        (1, 4096, 4096, 16, 0, 0.0, False, False), (5, 264, 136, 8, 0, 0.1, False, True),
-        (16, 520, 300, 16, 0, 0.0, True, True), (67, 131, 97, 5, 0, 0.2, False, True),
-        (300, 256, 130, 20, 0, 0.1, True, True), (3, 72, 40, 6, 3, 0.0, False, True),
-        (13, 136, 61, 9, 4, 0.2, False, True), (130, 80, 33, 17, 5, 0.15, True, False),
-        (2048, 512, 384, 16, 0, 0.1, False, True),
-    ]
-    bad = 0
-    for dt in (torch.bfloat16, torch.float16, torch.float32):
-        worst = []
-        for c in cases:
-            e = check(dt, *c[:5], p=c[5], strided=c[6], extras=c[7])
-            worst.append(e)
-            if not e <= tol[dt]:
-                bad += 1
-                print(f"  FAIL {str(dt)[6:]} M,K,N,R,G={c[:5]} p={c[5]} strided={c[6]} extras={c[7]}: rel {e:.2e}")
-        print(f"check {str(dt)[6:]:8s} {len(cases)} cases, worst rel err {max(worst):.2e} (tol {tol[dt]:.0e})",
-              flush=True)
-    print(f"\n{'M':>5} {'p':>4} | {'F.linear fwd':>12} {'cuda fwd':>9} {'x':>5} | {'F.linear f+b':>12} "
-          f"{'cuda f+b':>9} {'x':>5}   (ms, median, bf16, K=N=4096, r=16)")
-    for M in ((1, 128) if quick else (1, 16, 128, 2048, 8192)):
-        for p in (0.0, 0.1):
-            r = bench(M, 4096, 4096, 16, p)
-            (bf, bb), (cf, cb) = r["base"], r["cuda"]
-            print(f"{M:5d} {p:4.1f} | {bf:12.4f} {cf:9.4f} {cf / bf:5.2f} | {bb:12.4f} {cb:9.4f} {cb / bb:5.2f}",
-                  flush=True)
-    print(f"\n{'OK' if not bad else f'{bad} FAILED'}; total {time.time() - t0:.0f} s")
-    return 1 if bad else 0
+    stages = ["args", "paths-bfloat16", "paths-float16", "paths-float32",
+              "bench-quick" if "--quick" in sys.argv else "bench"]
+    failed = []
+    for st in stages:
+        print(f"[{st}]", flush=True)
+        r = subprocess.run([sys.executable, "-X", "faulthandler", __file__, "--stage", st], text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=240)
+        out = r.stdout.rstrip().splitlines()
+        if r.returncode < 0 or "Fatal Python error" in r.stdout:  # crashed: show the C-level trace head
+            out = [ln for ln in out if not ln.startswith("Extension modules")][:60]
+        print("\n".join(out), flush=True)
+        if r.returncode != 0:
+            failed.append(f"{st} (rc {r.returncode})")
+    print(f"\n{'OK' if not failed else 'FAILED: ' + ', '.join(failed)}; total {time.time() - t0:.0f} s")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
