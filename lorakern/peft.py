@@ -1,0 +1,242 @@
+"""PEFT integration: PEFT's LoRA layers over ``nn.Linear`` run through the fused op.
+
+The layers keep their own parameters (the same objects), so state_dict keys, ``save_pretrained``
+/ ``from_pretrained``, ``merge_and_unload``, ``disable_adapter``, ``set_adapter``, several
+active adapters and ``adapter_names`` mixed batches keep working. Only ``forward`` changes:
+
+>>> import lorakern.peft
+>>> from peft import LoraConfig, get_peft_model
+>>> model = get_peft_model(base, LoraConfig(r=16, target_modules="all-linear"))  # doctest: +SKIP
+>>> lorakern.peft.patch(model)          # these layers, in place; returns how many  # doctest: +SKIP
+>>> lorakern.peft.enable()              # or: every PEFT LoRA Linear, present and future  # doctest: +SKIP
+
+A call that cannot be fused runs PEFT's own forward and says why in a debug log line
+(``logging.getLogger("lorakern.peft").setLevel(logging.DEBUG)``): DoRA and the other LoRA
+variants, ``lora_bias``, quantized or hooked base layers, dropout modules other than
+``nn.Dropout``, several active adapters with dropout, extra forward arguments, tensors of
+several dtypes outside autocast (PEFT computes the adapter branch in the adapters' dtype; the
+op computes everything in one dtype, so it fuses there only under autocast, which casts
+everything as it would for PEFT), merged or disabled adapters (the base alone runs then).
+GPT-2's ``Conv1D`` base layers (``fan_in_fan_out``) are fused exactly, through a transposed view.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import types
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from lorakern.ops import lora_linear
+
+try:
+    from peft.tuners.lora.layer import Linear as PeftLoraLinear
+except ImportError as e:  # pragma: no cover - peft is an optional dependency
+    raise ImportError("lorakern.peft needs the peft package (pip install peft)") from e
+
+try:
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is optional
+    Conv1D = None
+
+__all__ = ["patch", "unpatch", "enable", "disable", "is_enabled"]
+
+logger = logging.getLogger(__name__)
+
+_PEFT_FORWARD = PeftLoraLinear.forward
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _plain(module: nn.Module) -> bool:
+    """No hooks and no per-instance forward: calling it is exactly its class's forward."""
+    return "forward" not in module.__dict__ and not any(getattr(module, h, None) for h in _HOOKS)
+
+
+def _base_weight(base: nn.Module) -> Optional[torch.Tensor]:
+    """The base layer's weight as [out, in] (a view), or None where the base cannot be fused."""
+    if isinstance(base, nn.Linear) and type(base).forward is nn.Linear.forward:
+        w = base.weight
+        weight = w
+    elif Conv1D is not None and isinstance(base, Conv1D) and type(base).forward is Conv1D.forward:
+        w = base.weight  # [in, out]: Conv1D computes x @ w + b
+        weight = w.T
+    else:
+        return None
+    if type(w) not in (torch.Tensor, nn.Parameter) or not w.is_floating_point() or not _plain(base):
+        return None
+    return weight
+
+
+def _dropout_p(module: nn.Module) -> Optional[float]:
+    """The dropout probability this forward applies, or None for a module the op cannot reproduce."""
+    if type(module) is nn.Identity:
+        return 0.0
+    if type(module) is nn.Dropout and module.p < 1.0:
+        return float(module.p) if module.training else 0.0
+    return None
+
+
+def _adapter(layer: PeftLoraLinear, name: str, x: torch.Tensor) -> tuple[Any, str]:
+    """``((A, B, scaling, p), "")`` for adapter ``name`` of ``layer``, or ``(None, reason)``."""
+    if name in getattr(layer, "lora_variant", {}) or layer.use_dora.get(name, False):
+        return None, f"adapter {name!r} is a LoRA variant (DoRA, ...)"
+    if getattr(layer, "lora_bias", {}).get(name, False):
+        return None, f"adapter {name!r} has lora_bias"
+    a, b, drop = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
+    if type(a) is not nn.Linear or type(b) is not nn.Linear or a.bias is not None or b.bias is not None:
+        return None, f"adapter {name!r} is not a pair of bias-free nn.Linear"
+    if not (_plain(a) and _plain(b) and _plain(drop)):
+        return None, f"adapter {name!r} has hooks"
+    p = _dropout_p(drop)
+    if p is None:
+        return None, f"adapter {name!r} has dropout module {type(drop).__name__}"
+    A, B = a.weight, b.weight
+    if A.device != x.device or B.device != x.device:
+        return None, f"adapter {name!r} is on {A.device}, x on {x.device}"
+    return (A, B, float(layer.scaling[name]), p), ""
+
+
+def _one_dtype(x: torch.Tensor, tensors) -> bool:
+    return torch.is_autocast_enabled(x.device.type) or all(t.dtype == x.dtype for t in tensors)
+
+
+def _fused(layer: PeftLoraLinear, x: torch.Tensor, args: tuple, kwargs: dict) -> tuple[Optional[torch.Tensor], str]:
+    """``(y, "")`` computed by the op, or ``(None, reason)`` when PEFT's own forward must run."""
+    adapter_names = kwargs.get("adapter_names")
+    if args or any(v is not None for k, v in kwargs.items() if k != "adapter_names"):
+        return None, "extra forward arguments"
+    if layer.disable_adapters or layer.merged:
+        return None, "adapters disabled or merged: the base alone runs"
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < (1 if adapter_names is None else 2):
+        return None, "x is not a floating tensor of the right rank"
+    weight = _base_weight(layer.base_layer)
+    if weight is None:
+        return None, f"base layer {type(layer.base_layer).__name__} is not a plain nn.Linear or Conv1D"
+    bias = layer.base_layer.bias
+    if weight.device != x.device:
+        return None, f"base weight on {weight.device}, x on {x.device}"
+    if adapter_names is None:
+        names = [n for n in layer.active_adapters if n in layer.lora_A]
+    else:
+        layer._check_forward_args(x, adapter_names=adapter_names)
+        names = [n for n in dict.fromkeys(adapter_names) if n in layer.lora_A]
+    if not names:
+        return None, "no adapter applies: the base alone runs"
+    adapters = []
+    for name in names:
+        ad, why = _adapter(layer, name, x)
+        if ad is None:
+            return None, why
+        adapters.append(ad)
+    As, Bs, scalings, ps = zip(*adapters)
+    if not _one_dtype(x, (weight, *As, *Bs)):
+        dts = sorted({str(t.dtype)[6:] for t in (x, weight, *As, *Bs)})
+        return None, f"several dtypes ({', '.join(dts)}) outside autocast"
+    if adapter_names is not None:
+        return _mixed_batch(x, weight, bias, names, As, Bs, scalings, ps, adapter_names)
+    if len(adapters) == 1:
+        return lora_linear(x, weight, bias, As[0], Bs[0], scaling=scalings[0], dropout_p=ps[0]), ""
+    if any(ps):
+        return None, "several active adapters with dropout (PEFT draws one mask per adapter)"
+    # several adapters at once = one adapter of the concatenated ranks, each rank scaled by its own
+    A, B = torch.cat(As), torch.cat(Bs, dim=1)
+    if len(set(scalings)) == 1:
+        return lora_linear(x, weight, bias, A, B, scaling=scalings[0]), ""
+    ranks = torch.tensor([a.shape[0] for a in As], device=x.device)
+    u = torch.tensor(scalings, device=x.device, dtype=A.dtype).repeat_interleave(ranks)
+    return lora_linear(x, weight, bias, A, B, rank_scale=u), ""
+
+
+def _mixed_batch(x, weight, bias, names, As, Bs, scalings, ps, adapter_names) -> tuple[Optional[torch.Tensor], str]:
+    """One adapter per sample (PEFT's ``adapter_names``) as banks and ``adapter_index``."""
+    if len(set(ps)) > 1:
+        return None, "adapter_names mixes adapters of different dropout"
+    R = max(a.shape[0] for a in As)
+    pad = lambda t, dim: t if t.shape[dim] == R else torch.cat(  # noqa: E731
+        [t, t.new_zeros(*t.shape[:dim], R - t.shape[dim], *t.shape[dim + 1:])], dim=dim)
+    A = torch.stack([pad(a, 0) for a in As])
+    B = torch.stack([pad(b, 1) for b in Bs])
+    pos = {n: i for i, n in enumerate(names)}
+    per_sample = torch.tensor([pos.get(n, -1) for n in adapter_names], device=x.device)
+    index = per_sample.repeat_interleave(math.prod(x.shape[1:-1]))
+    s = torch.tensor(scalings, device=x.device, dtype=torch.float32)
+    return lora_linear(x, weight, bias, A, B, scaling=s, dropout_p=ps[0], adapter_index=index), ""
+
+
+def _forward(self: PeftLoraLinear, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """PEFT's ``lora.Linear.forward``, fused where the op can compute it exactly."""
+    y, why = _fused(self, x, args, kwargs)
+    if y is not None:
+        return y
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("lora.Linear(%s -> %s): PEFT's own forward: %s", self.in_features, self.out_features, why)
+    return _PEFT_FORWARD(self, x, *args, **kwargs)
+
+
+def _is_patched(module: nn.Module) -> bool:
+    f = module.__dict__.get("forward")
+    return isinstance(f, types.MethodType) and f.__func__ is _forward
+
+
+def patch(model: nn.Module) -> int:
+    """Run every PEFT LoRA layer of ``model`` over an ``nn.Linear`` (or GPT-2 ``Conv1D``) fused, in place.
+
+    Returns the number of layers of ``model`` that now run fused (calling it twice is harmless).
+    Layers added later (new target modules) are not covered: patch again, or use ``enable()``.
+
+    >>> n = lorakern.peft.patch(peft_model)  # doctest: +SKIP
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    count = 0
+    for name, m in model.named_modules():
+        if not isinstance(m, PeftLoraLinear):
+            continue
+        if type(m).forward not in (_PEFT_FORWARD, _forward):
+            logger.warning("lorakern.peft: %s (%s) has its own forward: left alone", name, type(m).__name__)
+            continue
+        if _base_weight(m.base_layer) is None:
+            logger.warning("lorakern.peft: %s: base layer %s is not a plain nn.Linear or Conv1D: left alone",
+                           name, type(m.base_layer).__name__)
+            continue
+        if not _is_patched(m):
+            m.forward = types.MethodType(_forward, m)
+        count += 1
+    return count
+
+
+def unpatch(model: nn.Module) -> int:
+    """Undo ``patch(model)``; returns the number of layers restored to PEFT's own forward.
+
+    >>> lorakern.peft.unpatch(peft_model)  # doctest: +SKIP
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    count = 0
+    for m in model.modules():
+        if _is_patched(m):
+            del m.forward
+            count += 1
+    return count
+
+
+def enable() -> None:
+    """Fuse every PEFT ``lora.Linear`` in this process, present and future (PEFT's class is patched).
+
+    For scripts built on ``Trainer`` or TRL that never hold the model: call it before training.
+
+    >>> lorakern.peft.enable()  # doctest: +SKIP
+    """
+    PeftLoraLinear.forward = _forward
+
+
+def disable() -> None:
+    """Undo ``enable()``: PEFT's ``lora.Linear`` runs its own forward again (patched models stay patched)."""
+    PeftLoraLinear.forward = _PEFT_FORWARD
+
+
+def is_enabled() -> bool:
+    """Whether ``enable()`` is in effect."""
+    return PeftLoraLinear.forward is _forward
