@@ -151,7 +151,7 @@ def train_then_eval(model: nn.Module, steps: int, seed: int) -> float:
     torch.manual_seed(seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
     for step in range(steps):
-        ids = counting(step, batch=16, seq=32)
+        ids = counting(step, batch=8, seq=32)
         loss = model(input_ids=ids, labels=ids).loss
         opt.zero_grad()
         loss.backward()
@@ -165,13 +165,13 @@ def train_then_eval(model: nn.Module, steps: int, seed: int) -> float:
 def test_dropout_training_reaches_the_same_loss_within_noise(fused):
     model = llama(lora_dropout=0.1)
     start = train_then_eval(copy.deepcopy(model), 0, 0)
-    stock = [train_then_eval(copy.deepcopy(model), 40, seed) for seed in (1, 2, 3)]
+    stock = [train_then_eval(copy.deepcopy(model), 30, seed) for seed in (1, 2, 3)]
     lkpeft.patch(model)
-    ours = [train_then_eval(copy.deepcopy(model), 40, seed) for seed in (1, 2, 3)]
-    assert len(fused) == 3 * (40 + 1) * 7 * LAYERS  # 40 training steps and the eval
+    ours = [train_then_eval(copy.deepcopy(model), 30, seed) for seed in (1, 2, 3)]
+    assert len(fused) == 3 * (30 + 1) * 7 * LAYERS  # 30 training steps and the eval
     mean = lambda v: sum(v) / len(v)  # noqa: E731
     noise = max(stock) - min(stock)  # stock against itself, other masks
-    assert max(stock + ours) < start - 0.3, (start, stock, ours)  # both trained
+    assert max(stock + ours) < start - 0.25, (start, stock, ours)  # both trained
     assert abs(mean(ours) - mean(stock)) <= max(2 * noise, 0.02), (stock, ours)
 
 
