@@ -176,6 +176,49 @@ def test_adalora_masked_ranks_drop_out_of_the_output():
     assert rel(layer(x), want) < 1e-5 and rel(want, x @ layer.weight.T) > 1e-3
 
 
+@pytest.mark.parametrize("name", ["vera", "tied-tl6", "adalora", "dora"])
+def test_merge_matches_the_unmerged_output_and_unmerge_restores(name):
+    m, model = adapted(name)
+    layer = model.model.layers[1].mlp.down_proj
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+        if name == "adalora":
+            layer.rank_mask[0] = False
+    W = layer.weight.detach().clone()
+    x = torch.randn(3, 5, layer.in_features)
+    with torch.no_grad():
+        want = layer(x)
+        layer.merge()
+        assert rel(layer(x), want) < 1e-5 and rel(layer.weight, W) > 1e-3
+        layer.unmerge()
+        assert rel(layer.weight, W) < 1e-6 and rel(layer(x), want) < 1e-6
+
+
+def test_igulora_runs_each_step_at_a_point_of_the_path_and_retrains():
+    m = IGULoRA(init_r=R, target_r=2, total_step=5, tinit=0, tfinal=2, retrain=True, target_modules=["q_proj"])
+    model = m.apply(llama())
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    m.attach(opt)
+    layer = model.model.layers[0].self_attn.q_proj
+    data, seen = batch(3), []
+    for step in range(5):
+        seen.append(m.alpha)
+        assert all(lay.train_scale == m.alpha for _, lay in m.layers(model))
+        model(**data).loss.backward()
+        A_before = layer.lora_A.detach().clone()
+        opt.step()
+        if step == 3:  # the budget is final: the kept triplets restart, their optimizer state dropped
+            assert layer.lora_A not in opt.state and rel(layer.lora_A, A_before) > 0.5
+            assert m.active_ranks(model) == 2 * LAYERS
+            assert torch.allclose(layer.rank_scale, torch.where(layer.rank_mask, 0.1, 0.0))
+        opt.zero_grad()
+    assert all(a in [k / 20 for k in range(1, 21)] for a in seen[:3]) and len(set(seen[:3])) > 1
+    assert seen[3:] == [1.0, 1.0]
+    assert m.active_ranks(model) == 2 * LAYERS
+
+
 # --------------------------------------------------------------------------- parity with PEFT
 
 

@@ -76,14 +76,10 @@ class AdaLoRA(Method):
             raise ValueError(f"tinit: expected < total_step - tfinal = {total_step - tfinal} (a budgeting phase), "
                              f"got {tinit}")
         self.deltaT = check_int("deltaT", deltaT, 1)
-        self.beta1 = check_float("beta1", beta1, 0.0, 1.0, high_open=True)
-        self.beta2 = check_float("beta2", beta2, 0.0, 1.0, high_open=True)
-        if beta1 == 0.0 or beta2 == 0.0:
-            raise ValueError(f"beta1, beta2: expected floats in (0, 1), got {beta1!r}, {beta2!r}")
+        self.beta1 = check_float("beta1", beta1, 0.0, 1.0, low_open=True, high_open=True)
+        self.beta2 = check_float("beta2", beta2, 0.0, 1.0, low_open=True, high_open=True)
         self.orth_reg_weight = check_float("orth_reg_weight", orth_reg_weight, 0.0, float("inf"))
-        self.lora_alpha = check_float("lora_alpha", lora_alpha, 0.0, float("inf"))
-        if self.lora_alpha == 0.0:
-            raise ValueError(f"lora_alpha: expected a float > 0, got {lora_alpha!r}")
+        self.lora_alpha = check_float("lora_alpha", lora_alpha, 0.0, float("inf"), low_open=True)
         self.lora_dropout = check_float("lora_dropout", lora_dropout, 0.0, 1.0, high_open=True)
 
     def _make_layer(self, name: str, linear: nn.Linear) -> AdaptedLinear:

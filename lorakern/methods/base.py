@@ -26,11 +26,13 @@ def check_int(name: str, value, low: int) -> int:
     return value
 
 
-def check_float(name: str, value, low: float, high: float, *, high_open: bool = False) -> float:
-    """``float(value)`` if it is a number in ``[low, high]`` (``[low, high)`` with ``high_open``)."""
+def check_float(name: str, value, low: float, high: float, *, low_open: bool = False,
+                high_open: bool = False) -> float:
+    """``float(value)`` if it is a number in ``[low, high]`` (an end excluded where ``*_open``)."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or not (low <= value <= high) or (high_open and value == high):
-        raise ValueError(f"{name}: expected a float in [{low}, {high}{')' if high_open else ']'}, got {value!r}")
+    if not ok or not (low <= value <= high) or (low_open and value == low) or (high_open and value == high):
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name}: expected a float in {interval}, got {value!r}")
     return float(value)
 
 
@@ -101,6 +103,8 @@ class Method:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
         names = match_targets(model, self.target_modules)
+        if self._has_hooks() and hasattr(model, STEP_BUFFER):
+            raise ValueError(f"model: already has a {STEP_BUFFER!r}; apply one method per model")
         model.requires_grad_(False)
         linears = {name: model.get_submodule(name) for name in names}
         self._prepare(model, linears)
@@ -108,8 +112,6 @@ class Method:
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent), attr, self._make_layer(name, linear))
         if self._has_hooks():
-            if hasattr(model, STEP_BUFFER):
-                raise ValueError(f"model: already has a {STEP_BUFFER!r}; apply one method per model")
             model.register_buffer(STEP_BUFFER, torch.zeros((), dtype=torch.int64))
         self._model = model
         return model

@@ -32,9 +32,7 @@ class LoRA(Method):
                  lora_dropout: float = 0.0, use_rslora: bool = False, init: str = "kaiming",
                  backend: str = "auto") -> None:
         super().__init__(r=r, target_modules=target_modules, backend=backend)
-        self.lora_alpha = check_float("lora_alpha", lora_alpha, 0.0, float("inf"))
-        if self.lora_alpha == 0.0:
-            raise ValueError(f"lora_alpha: expected a float > 0, got {lora_alpha!r}")
+        self.lora_alpha = check_float("lora_alpha", lora_alpha, 0.0, float("inf"), low_open=True)
         self.lora_dropout = check_float("lora_dropout", lora_dropout, 0.0, 1.0, high_open=True)
         if not isinstance(use_rslora, bool):
             raise TypeError(f"use_rslora: expected a bool, got {type(use_rslora).__name__}")

@@ -39,7 +39,8 @@ class TiedLoRA(Method):
                  lora_alpha: Optional[float] = None, lora_dropout: float = 0.0, trainable: str = "TL6",
                  backend: str = "auto") -> None:
         super().__init__(r=r, target_modules=target_modules, backend=backend)
-        self.lora_alpha = float(r) if lora_alpha is None else check_float("lora_alpha", lora_alpha, 0.0, float("inf"))
+        self.lora_alpha = check_float("lora_alpha", r if lora_alpha is None else lora_alpha, 0.0, float("inf"),
+                                      low_open=True)
         self.lora_dropout = check_float("lora_dropout", lora_dropout, 0.0, 1.0, high_open=True)
         letters = PRESETS.get(trainable, trainable) if isinstance(trainable, str) else None
         if not letters or set(letters) - set("ABuv") or not set(letters) & set("Buv"):
