@@ -84,7 +84,8 @@ def _tied_count(letters: str) -> int:
     total = 0
     for key in SEVEN:
         k, n = next(s for name, s in shapes().items() if name.endswith("." + key))
-        total += ("A" in letters) * R * k + ("B" in letters) * n * R + LAYERS * (("u" in letters) * R + ("v" in letters) * n)
+        shared = ("A" in letters) * R * k + ("B" in letters) * n * R
+        total += shared + LAYERS * (("u" in letters) * R + ("v" in letters) * n)
     return total
 
 
