@@ -14,9 +14,10 @@ and ``fwdbwd`` (forward, then gradients of x and of every adapter tensor; the ba
 
 On a GPU each time is ``triton.testing.do_bench``'s median (device events, L2 flushed before
 each run) over a step that cycles through several input sets whose bytes exceed the L2 cache;
-at decode sizes (M <= 64) each provider's cycle is captured in a CUDA graph and its replays are
-timed (a provider that cannot be captured is timed eagerly and its record says why). On CPU
-each time is the median of interleaved runs: every round runs every provider of a group once.
+each provider's cycle is also captured in a CUDA graph and its replays timed (``graph_ms``); at
+decode sizes (M <= 64), where launch and Python overhead would otherwise dominate, the graph time is
+the record's ``median_ms``, elsewhere the eager time is (a provider that cannot be captured is timed
+eagerly and its record says why). On CPU each time is the median of interleaved runs: every round runs every provider of a group once.
 """
 from __future__ import annotations
 
@@ -41,8 +42,11 @@ from torch import nn
 
 from lorakern.ops import BACKENDS, backend_status, lora_linear
 
-__all__ = ["Case", "Shape", "Variant", "PROVIDERS", "MODES", "device_slug", "run", "select_cases",
-           "print_table", "plot", "main"]
+__all__ = [
+    "Case", "Shape", "Variant", "Item", "Settings", "Skip", "PROVIDERS", "MODES", "run", "prepare",
+    "prepare_group", "time_items", "to_record", "add_ratios", "bench_stream", "l2_bytes", "available_providers",
+    "device_slug", "select_cases", "print_table", "plot", "main",
+]
 
 PROVIDERS = ("base", "peft", "addmm") + tuple(f"lorakern-{b}" for b in BACKENDS)
 MODES = ("fwd", "bwd", "fwdbwd")
@@ -252,12 +256,12 @@ def available_providers(device: torch.device) -> tuple[list[str], dict[str, str]
                 continue
         if prov.startswith("lorakern-"):
             name = prov.removeprefix("lorakern-")
+            if device.type != "cuda" and name != "torch":
+                why[prov] = "runs on CUDA devices only (on CPU only interpreted: timings meaningless)"
+                continue
             ok, reason = backend_status(name)
             if not ok:
                 why[prov] = reason
-                continue
-            if device.type != "cuda" and name != "torch":
-                why[prov] = "runs on CUDA devices only (on CPU only interpreted: timings meaningless)"
                 continue
         runs.append(prov)
     return runs, why
@@ -324,8 +328,8 @@ def _peak_mb(step: Callable[[], object], device: torch.device) -> Optional[float
 
 
 @dataclass
-class _Item:
-    """A provider's steps for one case, ready to time."""
+class Item:
+    """A provider's steps for one case (one per input set), ready to time; the timings land here."""
 
     provider: str
     case: Case
@@ -333,9 +337,11 @@ class _Item:
     saved_bytes: Optional[int]
     peak_mem_mb: Optional[float]
     ms: float = math.nan
-    graph: Optional[bool] = None
+    graph: Optional[bool] = None  # whether ms is the graph time
     graph_error: str = ""
     eager_ms: Optional[float] = None
+    graph_ms: Optional[float] = None
+    n_rounds: Optional[int] = None  # CPU: interleaved rounds behind the median
 
 
 def _capture(steps: Sequence[Callable[[], object]]) -> "torch.cuda.CUDAGraph":
@@ -347,12 +353,13 @@ def _capture(steps: Sequence[Callable[[], object]]) -> "torch.cuda.CUDAGraph":
     return graph
 
 
-def _time_gpu(item: _Item, warmup_ms: int, rep_ms: int, use_graph: bool) -> None:
+def _time_gpu(item: Item, warmup_ms: int, rep_ms: int, graphs: bool, graph_is_median: bool) -> None:
+    """Eager time, then (``graphs``) the graph time; ``graph_is_median``: the graph time is the median."""
     from triton.testing import do_bench
 
-    item.ms = do_bench(_cycle(item.steps), warmup=warmup_ms, rep=rep_ms, return_mode="median")
-    item.graph = False
-    if not use_graph:
+    item.eager_ms = do_bench(_cycle(item.steps), warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    item.ms, item.graph = item.eager_ms, False
+    if not graphs:
         return
     try:
         graph = _capture(item.steps)
@@ -360,13 +367,12 @@ def _time_gpu(item: _Item, warmup_ms: int, rep_ms: int, use_graph: bool) -> None
         torch.cuda.synchronize()
         item.graph_error = _one_line(e)
         return
-    n = len(item.steps)
-    item.eager_ms = item.ms
-    item.ms = do_bench(graph.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median") / n
-    item.graph = True
+    item.graph_ms = do_bench(graph.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median") / len(item.steps)
+    if graph_is_median:
+        item.ms, item.graph = item.graph_ms, True
 
 
-def _time_cpu(items: Sequence[_Item], budget_s: float, min_rounds: int, max_rounds: int) -> None:
+def _time_cpu(items: Sequence[Item], budget_s: float, min_rounds: int, max_rounds: int) -> None:
     """Medians of interleaved runs: each round runs every item once, starting one later each round."""
     if not items:
         return
@@ -384,7 +390,7 @@ def _time_cpu(items: Sequence[_Item], budget_s: float, min_rounds: int, max_roun
         if rnd + 1 >= min_rounds and time.perf_counter() > t_end:
             break
     for it, ts in zip(items, times):
-        it.ms = statistics.median(ts) * 1e3
+        it.ms, it.n_rounds = statistics.median(ts) * 1e3, len(ts)
 
 
 # --------------------------------------------------------------------------- the run
@@ -409,7 +415,8 @@ def _n_sets(per_set: int, l2_bytes: int) -> int:
     return max(MIN_SETS, min(MAX_SETS, math.ceil(2 * l2_bytes / max(per_set, 1))))
 
 
-def _l2_bytes(device: torch.device) -> int:
+def l2_bytes(device: torch.device) -> int:
+    """The device's L2 cache size in bytes (0 on CPU): input sets are rotated past it."""
     if device.type != "cuda":
         return 0
     props = torch.cuda.get_device_properties(device)
@@ -420,7 +427,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _record(item: _Item, dtype: torch.dtype) -> dict:
+def to_record(item: Item, dtype: torch.dtype) -> dict:
+    """The item's record in the schema of bench/README.md (ratios come from ``add_ratios``)."""
     c = item.case
     rec = {
         "provider": item.provider, "mode": c.mode, "M": c.shape.M, "K": c.shape.K, "N": c.shape.N,
@@ -434,8 +442,12 @@ def _record(item: _Item, dtype: torch.dtype) -> dict:
         rec["cuda_graph"] = item.graph
     if item.eager_ms is not None:
         rec["eager_ms"] = item.eager_ms
+    if item.graph_ms is not None:
+        rec["graph_ms"] = item.graph_ms
     if item.graph_error:
         rec["graph_error"] = item.graph_error
+    if item.n_rounds is not None:
+        rec["n_rounds"] = item.n_rounds
     return rec
 
 
@@ -443,7 +455,8 @@ def _group_key(case: Case) -> tuple:
     return (case.shape, case.mode)
 
 
-def _prepare(provider: str, case: Case, dtype, device, settings: Settings) -> _Item:
+def prepare(provider: str, case: Case, dtype: torch.dtype, device: torch.device, settings: Settings) -> Item:
+    """Input sets, the provider's steps over them, saved bytes and (CUDA) peak memory; raises Skip."""
     shape, variant = case.shape, case.variant
     first = _make_inputs(shape, variant, dtype, device)
     inputs = [first] + [_make_inputs(shape, variant, dtype, device)
@@ -451,20 +464,31 @@ def _prepare(provider: str, case: Case, dtype, device, settings: Settings) -> _I
     builts = [_build(provider, inp, shape, variant) for inp in inputs]
     steps = [_step(case.mode, bt, inp) for bt, inp in zip(builts, inputs)]
     saved = _saved_bytes(builts[0], inputs[0]) if case.mode != "fwd" else None
-    steps[0]()  # compile / autotune / first-call costs stay out of the peak and the times
-    peak = _peak_mb(steps[0], device)
-    return _Item(provider, case, steps, saved, peak)
+    peak = None
+    if device.type == "cuda":
+        steps[0]()  # compile / autotune / first-call costs stay out of the peak
+        peak = _peak_mb(steps[0], device)
+    return Item(provider, case, steps, saved, peak)
 
 
-def _prepare_group(shape: Shape, mode: str, cases: Sequence[Case], providers: Sequence[str], device, dtype,
-                   settings: Settings, skipped: dict[str, list[str]]) -> list[_Item]:
-    """The items of one (shape, mode) group: the base once, then every provider on every variant."""
+def bench_stream(device: torch.device):
+    """The context to prepare and time in: on CUDA one side stream, so that CUDA graphs can be
+    captured and a bwd step's backward runs on the stream its forward ran on; on CPU nothing."""
+    return torch.cuda.stream(torch.cuda.Stream(device)) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def prepare_group(shape: Shape, mode: str, cases: Sequence[Case], providers: Sequence[str], device: torch.device,
+                  dtype: torch.dtype, settings: Settings, skipped: dict[str, list[str]]) -> list[Item]:
+    """The items of one (shape, mode) group: the base once, then every provider on every variant.
+
+    A provider that cannot do a variant is left out and its reason added to ``skipped``.
+    """
     wanted = [("base", Case(mode, shape, BASE_VARIANT))] if "base" in providers else []
     wanted += [(p, c) for c in sorted(cases) for p in providers if p != "base"]
     items = []
     for prov, case in wanted:
         try:
-            items.append(_prepare(prov, case, dtype, device, settings))
+            items.append(prepare(prov, case, dtype, device, settings))
         except Skip as e:
             reason = f"{case.variant.label}: {e}"
             if reason not in skipped.setdefault(prov, []):
@@ -487,30 +511,31 @@ def run(cases: Iterable[Case], providers: Sequence[str], device: torch.device, d
     records: list[dict] = []
     skipped: dict[str, list[str]] = {}
     torch.manual_seed(0)
-    # On CUDA everything runs on one side stream: a bwd step's graph then replays its backward on
-    # the stream its forward ran on, which is the stream a CUDA graph can capture.
-    on_stream = torch.cuda.stream(torch.cuda.Stream(device)) if device.type == "cuda" else contextlib.nullcontext()
-    with on_stream:
+    with bench_stream(device):
         for gi, ((shape, mode), group_cases) in enumerate(sorted(groups.items())):
             t0 = time.perf_counter()
-            items = _prepare_group(shape, mode, group_cases, providers, device, dtype, settings, skipped)
-            if device.type == "cuda":
-                use_graph = settings.graphs and shape.M <= GRAPH_MAX_M
-                for it in items:
-                    _time_gpu(it, settings.warmup_ms, settings.rep_ms, use_graph)
-            else:
-                _time_cpu(items, settings.cpu_budget_s, settings.cpu_min_rounds, settings.cpu_max_rounds)
-            records += [_record(it, dtype) for it in items]
+            items = prepare_group(shape, mode, group_cases, providers, device, dtype, settings, skipped)
+            time_items(items, device, settings)
+            records += [to_record(it, dtype) for it in items]
             del items
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             log(f"[{gi + 1}/{len(groups)}] {mode:<6} M={shape.M} K={shape.K} N={shape.N} r={shape.r} "
                 f"({time.perf_counter() - t0:.1f} s)")
-    _add_ratios(records)
+    add_ratios(records)
     return records, skipped
 
 
-def _add_ratios(records: list[dict]) -> None:
+def time_items(items: Sequence[Item], device: torch.device, settings: Settings) -> None:
+    """Time a group's items: one after another with do_bench on CUDA, interleaved on CPU."""
+    if device.type == "cuda":
+        for it in items:
+            _time_gpu(it, settings.warmup_ms, settings.rep_ms, settings.graphs, it.case.shape.M <= GRAPH_MAX_M)
+    else:
+        _time_cpu(items, settings.cpu_budget_s, settings.cpu_min_rounds, settings.cpu_max_rounds)
+
+
+def add_ratios(records: list[dict]) -> None:
     """ratio_to_base (same mode and shape) and speedup_vs_peft (same case) on every record."""
     shape_key = lambda r: (r["mode"], r["M"], r["K"], r["N"], r["r"], r["dtype"])  # noqa: E731
     case_key = lambda r: shape_key(r) + (r["dropout"], r["masked"], r["adapters"])  # noqa: E731
@@ -599,13 +624,31 @@ def _commit() -> str:
     if env:
         return env
     root = Path(__file__).resolve().parent.parent
+    git = ["git", "-c", f"safe.directory={root}"]
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+        head = subprocess.run(git + ["rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "lorakern", "csrc"], cwd=root).returncode
+        dirty = subprocess.run(git + ["diff", "--quiet", "HEAD", "--", "lorakern", "csrc"], cwd=root).returncode
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return _commit_from_files(root / ".git")
     return head + ("+dirty" if dirty else "")
+
+
+def _commit_from_files(git_dir: Path) -> str:
+    """HEAD's commit read from .git without git (a copied tree); whether it is dirty is unknown."""
+    try:
+        head = (git_dir / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return head
+        ref = head.removeprefix("ref: ")
+        if (git_dir / ref).exists():
+            return (git_dir / ref).read_text().strip()
+        for line in (git_dir / "packed-refs").read_text().splitlines():
+            if line.endswith(" " + ref):
+                return line.split()[0]
+    except OSError:
+        pass
+    return "unknown"
 
 
 def _triton_version() -> Optional[str]:
@@ -664,12 +707,13 @@ def plot(records: Sequence[dict], providers: Sequence[str], path: str, title: st
         recs = [r for r in plain if r["mode"] == mode]
         shapes = sorted({(r["M"], r["K"], r["N"], r["r"]) for r in recs})
         xs = {s: i for i, s in enumerate(shapes)}
-        for prov in providers:
+        for color, prov in enumerate(p for p in providers if p != "base"):
             for p in sorted({r["dropout"] for r in recs}):
                 pts = sorted((xs[(r["M"], r["K"], r["N"], r["r"])], r["ratio_to_base"]) for r in recs
                              if r["provider"] == prov and r["dropout"] == p)
-                if pts and prov != "base":
-                    ax.plot(*zip(*pts), "-" if p == 0 else "--", marker="o", label=f"{prov} p={p:g}")
+                if pts:
+                    ax.plot(*zip(*pts), "-" if p == 0 else "--", color=f"C{color}", marker="o",
+                            label=f"{prov} p={p:g}")
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks(range(len(shapes)))
         ax.set_xticklabels([f"{M}x{K}x{N}\nr{r}" for M, K, N, r in shapes], fontsize=7)
@@ -748,7 +792,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(c.mode, c.shape, c.variant.label)
         return 0
     settings = Settings(
-        warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, graphs=not args.no_graphs, l2_bytes=_l2_bytes(device),
+        warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, graphs=not args.no_graphs, l2_bytes=l2_bytes(device),
         cpu_budget_s=args.cpu_budget_s if args.cpu_budget_s is not None else (0.5 if args.quick else 5.0),
     )
     n_groups = len({_group_key(c) for c in cases})
@@ -784,7 +828,7 @@ def _summary(result: dict) -> None:
             print(f"skipped {p}: {why}")
     errors = {(r["provider"], r["graph_error"]) for r in result["records"] if r.get("graph_error")}
     for prov, err in sorted(errors):
-        print(f"no CUDA graph for {prov} (timed eagerly): {err}")
+        print(f"no CUDA graph for {prov}: {err}")
     present = {r["provider"] for r in result["records"]}
     print_table(result["records"], [p for p in PROVIDERS if p in present])
     print(f"{len(result['records'])} records in {result['wall_s']} s")
