@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import zlib
 from pathlib import Path
 
 import pytest
@@ -268,7 +269,7 @@ def test_forward_and_every_gradient(ops, cfg, dt):
     M, K, N, R, G, opt = cfg
     opts = dict(bias=False, u=None, mask=False, v=None, sg=False, strided=False, dropout=0.0)
     opts.update(opt)
-    gen = torch.Generator(device="cuda").manual_seed(hash(cfg) % 2**31)
+    gen = torch.Generator(device="cuda").manual_seed(zlib.crc32(repr(cfg).encode()))
     P = _problem(M, K, N, R, G, dt, gen=gen, **opts)
     leaves = {k: P[k] for k in ("x", "W", "b", "A", "B", "rank_scale", "out_scale") if P[k] is not None}
     for t in leaves.values():
