@@ -19,6 +19,10 @@ demo: $(STAMP)
 check: $(STAMP)
 	$(VPY) -m lorakern.cli check
 
+# compile and link the CUDA extension (no GPU needed: a CUDA build of torch plus nvcc); prints its path
+cuda: $(STAMP)
+	$(VPY) -m lorakern.cuda build
+
 test: test-default test-interpret
 
 test-default: $(STAMP)
