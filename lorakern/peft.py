@@ -80,7 +80,7 @@ def _dropout_p(module: nn.Module) -> Optional[float]:
 
 def _adapter(layer: PeftLoraLinear, name: str, x: torch.Tensor) -> tuple[Any, str]:
     """``((A, B, scaling, p), "")`` for adapter ``name`` of ``layer``, or ``(None, reason)``."""
-    if name in getattr(layer, "lora_variant", {}) or layer.use_dora.get(name, False):
+    if name in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(name, False):
         return None, f"adapter {name!r} is a LoRA variant (DoRA, ...)"
     if getattr(layer, "lora_bias", {}).get(name, False):
         return None, f"adapter {name!r} has lora_bias"

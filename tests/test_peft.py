@@ -358,3 +358,18 @@ def test_gpt2_conv1d_fan_in_fan_out_fused_exactly(fused, caplog):
     for name in g[0]:
         assert rel(g[1][name], g[0][name]) <= 1e-5, name
     assert rel(logits(patched, ids), logits(stock, ids)) <= 1e-5
+
+
+# --------------------------------------------------------------------------- the demo
+
+
+def test_demo_runs_stock_and_patched_and_writes_the_plot(tmp_path, capsys):
+    from lorakern.demo import main
+
+    png = tmp_path / "demo.png"
+    assert main(["--preset", "tiny", "--steps", "4", "--warmup", "1", "--out", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "14 layers fused, 0 calls fell back" in out and "speedup:" in out and str(png) in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit):
+        main(["--preset", "tiny", "--warmup", "0"])
