@@ -26,6 +26,7 @@ from lorakern.alloc import poisoned
 from lorakern.reference import reference_lora_linear
 from lorakern.triton import configs
 
+SMEM_LIMIT = 232448  # bytes of shared memory a block may use on sm_90 (227 KB)
 GRADS = ("x", "lora_A", "lora_B", "bias", "rank_scale", "out_scale")
 
 
@@ -244,12 +245,116 @@ def sweep(M=8192, K=4096, N=4096, R=16):
     print(f"backward (dx, dA, dB) kernels: {t:.4f} ms ({t / tdx:.2f} of g@W)")
 
 
+# --------------------------------------------------------------------------- compile-only (no GPU)
+
+
+def aot(arch: int = 90, dtypes=(torch.bfloat16, torch.float16, torch.float32)) -> bool:
+    """Compile every kernel variant the benchmark and check shapes launch, for sm_<arch>, on any
+    machine (no GPU): the launches are recorded from CPU tensors, never run, and each distinct
+    (signature, constexprs, options) goes through triton.compile. Ints equal to 1 become
+    constexprs, as Triton's launcher specialises them."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lorakern.triton import backend
+
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64",
+             torch.int32: "i32", torch.int8: "i8"}
+    seen, failures = {}, []
+
+    class Recorder:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return self.launch
+
+        def launch(self, *args, num_warps=4, num_stages=3, **consts):
+            sig, cst = {}, dict(consts)
+            for name, a in zip(self.fn.arg_names, args):
+                if isinstance(a, torch.Tensor):
+                    sig[name] = "*" + names[a.dtype]
+                elif isinstance(a, bool) or a is None or (isinstance(a, int) and a == 1):
+                    cst[name] = a
+                elif isinstance(a, int):
+                    sig[name] = "i32" if -2 ** 31 <= a < 2 ** 31 else "i64"
+                else:
+                    sig[name] = "fp32"
+            for name in cst:
+                sig[name] = "constexpr"
+            key = (self.fn.__name__, tuple(sorted(sig.items())), tuple(sorted(cst.items())), num_warps, num_stages)
+            if key in seen:
+                return
+            src = ASTSource(fn=self.fn, signature={n: sig[n] for n in self.fn.arg_names},
+                            constexprs={(self.fn.arg_names.index(k),): v for k, v in cst.items()})
+            t0 = time.time()
+            try:
+                k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                   options=dict(num_warps=num_warps, num_stages=num_stages))
+                seen[key] = f"ok {time.time() - t0:4.1f} s, {k.metadata.shared} B smem"
+                if k.metadata.shared > SMEM_LIMIT:
+                    seen[key] = f"FAILED {k.metadata.shared} B smem > {SMEM_LIMIT}"
+                    failures.append(key)
+            except Exception as e:  # report every failing variant, then go on
+                seen[key] = f"FAILED {type(e).__name__}: {str(e).splitlines()[-1][:100]}"
+                failures.append(key)
+            flags = " ".join(f"{k}={v}" for k, v in sorted(cst.items()) if not isinstance(v, int) or isinstance(v, bool)
+                             or k in ("BM", "BN", "BK", "RP"))
+            dts = sorted({v[1:] for v in sig.values() if v.startswith("*") and "f" in v})
+            print(f"{self.fn.__name__:16s} {'/'.join(dts):9s} w{num_warps} s{num_stages} {flags}: {seen[key]}", flush=True)
+
+    saved = {n: getattr(backend, n) for n in ("lora_fwd_kernel", "shrink_kernel", "gpass_kernel", "dx_kernel",
+                                               "dA_kernel")}
+    saved_interp, saved_check, saved_sms = configs.interpreting, backend._check, backend._sm_count
+    for n, fn in saved.items():
+        setattr(backend, n, Recorder(fn))
+    configs.interpreting = lambda: False
+    backend._check = lambda x: None
+    backend._sm_count = lambda dev: 132
+    try:
+        for dt in dtypes:
+            for M in (1, 16, 128, 2048, 8192):
+                for p in (0.0, 0.1):
+                    _record_call(dt, M, 4096, 4096, 16, p)
+            _record_call(dt, 1031, 1000, 777, 13, 0.1, G=5, scales=True, mask=True, strided=True)
+            _record_call(dt, 16, 1000, 777, 13, 0.0, G=5)
+    finally:
+        for n, fn in saved.items():
+            setattr(backend, n, fn)
+        configs.interpreting, backend._check, backend._sm_count = saved_interp, saved_check, saved_sms
+    print(f"aot sm_{arch}: {len(seen)} variants, {len(failures)} failed")
+    return not failures
+
+
+def _record_call(dt, M, K, N, R, p, *, G=None, scales=False, mask=False, strided=False):
+    """One forward and one full backward through the backend with CPU tensors (kernels recorded)."""
+    bank = () if G is None else (G,)
+    e = lambda *s: torch.ones(*s, dtype=dt)  # noqa: E731
+    x = e(M, 2 * K)[:, ::2] if strided else e(M, K)
+    A = e(*bank, 2 * R, K)[..., ::2, :] if strided else e(*bank, R, K)
+    B = e(*bank, N, R)
+    u, v = (e(*bank, R), e(*bank, N)) if scales else (None, None)
+    ridx = torch.arange(0, R, 2) if mask else None
+    idx = (torch.arange(M) % (G + 1) - 1) if G else None
+    sg = torch.ones(G) if G else None
+    args = (x, e(N, K), e(N), A, B, 1.0, sg, u, ridx, v, p, 5, idx)
+    _, q = lorakern.triton.forward(*args)
+    x_, w_, _b, A_, B_, *rest = args
+    needs = (True, False, True, True, True, scales, scales)
+    lorakern.triton.backward(e(M, N), x_, w_, A_, B_, *rest, q, needs)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", action="store_true", help="also time candidate kernel configurations")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness pass")
     ap.add_argument("--sweep-only", action="store_true", help="only the configuration sweep")
+    ap.add_argument("--aot", type=int, metavar="ARCH", help="only compile every kernel variant for sm_ARCH "
+                    "(no GPU needed), e.g. --aot 90")
     args = ap.parse_args()
+    if args.aot:
+        return 0 if aot(args.aot) else 1
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
         return 2

@@ -104,10 +104,10 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, ran
     ptrs = ad.ptrs(x)
     sAg, sAr, sAk = ad.A_strides()
     sBg, sBn, sBr = ad.B_strides()
-    cfg = configs.fwd(M, N, K, ad.Ra, ad.banked, p > 0)
+    cfg = configs.fwd(M, N, K, ad.Ra, ad.banked, p > 0, x.element_size())
     flags = ad.flags()
     if not cfg["FUSE_Q"]:
-        sc = configs.shrink(M, K, ad.Ra)
+        sc = configs.shrink(M, K, ad.Ra, x.element_size())
         shrink_kernel[(triton.cdiv(M, sc["BM"]),)](
             x, lora_A, q, ptrs["RIDX"], ptrs["IDX"], ptrs["PERM"],
             M, K, ad.Ra, ad.G, p, 1.0 / (1.0 - p), seed,
@@ -162,7 +162,7 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, 
     need_dt, need_P = n_x or n_A or n_u, n_B or n_v
     dt = P = db = None
     if need_dt or need_P:
-        cfg = configs.gpass(M, N, ad.Ra, _sm_count(dev))
+        cfg = configs.gpass(M, N, ad.Ra, _sm_count(dev), x.element_size())
         n_per = triton.cdiv(triton.cdiv(N, cfg["SPLIT_N"]), cfg["BN"]) * cfg["BN"]
         split = triton.cdiv(N, n_per)
         if need_dt:
@@ -181,7 +181,7 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, 
 
     dx = None
     if n_x:
-        cfg = configs.dx(M, N, K, ad.Ra)
+        cfg = configs.dx(M, N, K, ad.Ra, x.element_size())
         dx = alloc.empty((M, K), dtype=x.dtype, device=dev)
         grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(K, cfg["BK"]),)
         dx_kernel[grid](
@@ -194,7 +194,7 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, 
 
     dA = None
     if n_A:
-        cfg = configs.dA(M, K, ad.Ra, _sm_count(dev))
+        cfg = configs.dA(M, K, ad.Ra, _sm_count(dev), x.element_size())
         rows_per = triton.cdiv(triton.cdiv(M, cfg["SPLIT_M"]), cfg["BM"]) * cfg["BM"]
         buf = torch.zeros((ad.G, ad.Ra, K), dtype=f32, device=dev)
         dA_kernel[(triton.cdiv(K, cfg["BK"]), triton.cdiv(M, rows_per))](

@@ -15,11 +15,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _with_override(kind: str, cfg: dict) -> dict:
+def _with_override(kind: str, cfg: dict, inner: str, esize: int) -> dict:
+    """``cfg`` with fp32 inputs' inner (reduction) block halved, so the shared-memory stages fit
+    (227 KB on an H100), then the overrides for ``kind``."""
+    if esize == 4 and not interpreting():
+        cfg = {**cfg, inner: max(16, cfg[inner] // 2)}
     return {**cfg, **OVERRIDE.get(kind, {})}
 
 
-def fwd(M: int, N: int, K: int, Ra: int, banked: bool, dropout: bool) -> dict:
+def fwd(M: int, N: int, K: int, Ra: int, banked: bool, dropout: bool, esize: int) -> dict:
     """The forward GEMM (and whether it computes q itself, FUSE_Q; never with per-row adapters)."""
     if interpreting():
         cfg = dict(BM=16, BN=16, BK=16, GROUP_M=2, num_warps=4, num_stages=1, FUSE_Q=not banked)
@@ -31,20 +35,23 @@ def fwd(M: int, N: int, K: int, Ra: int, banked: bool, dropout: bool) -> dict:
         cfg = dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, FUSE_Q=not dropout)
     else:
         cfg = dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, FUSE_Q=False)
-    cfg = _with_override("fwd", cfg)
+    cfg = _with_override("fwd", cfg, "BK", esize)
     if banked:
         cfg["FUSE_Q"] = False
     return cfg
 
 
-def shrink(M: int, K: int, Ra: int) -> dict:
+def shrink(M: int, K: int, Ra: int, esize: int) -> dict:
     if interpreting():
-        return _with_override("shrink", dict(BM=16, BK=16, num_warps=4, num_stages=1))
-    cfg = dict(BM=64, BK=128, num_warps=4, num_stages=4) if M > 1024 else dict(BM=16, BK=256, num_warps=4, num_stages=3)
-    return _with_override("shrink", cfg)
+        cfg = dict(BM=16, BK=16, num_warps=4, num_stages=1)
+    elif M > 1024:
+        cfg = dict(BM=64, BK=128, num_warps=4, num_stages=4)
+    else:
+        cfg = dict(BM=16, BK=256, num_warps=4, num_stages=3)
+    return _with_override("shrink", cfg, "BK", esize)
 
 
-def gpass(M: int, N: int, Ra: int, sms: int) -> dict:
+def gpass(M: int, N: int, Ra: int, sms: int, esize: int) -> dict:
     """The pass over g; SPLIT_N column slices so that the grid fills the GPU."""
     if interpreting():
         cfg = dict(BM=16, BN=16, num_warps=4, num_stages=1, SPLIT_N=2)
@@ -53,10 +60,10 @@ def gpass(M: int, N: int, Ra: int, sms: int) -> dict:
         cfg = dict(BM=bm, BN=128, num_warps=4, num_stages=3)
         rows = -(-M // bm)
         cfg["SPLIT_N"] = max(1, min(-(-N // 512), -(-2 * sms // rows)))
-    return _with_override("gpass", cfg)
+    return _with_override("gpass", cfg, "BN", esize)
 
 
-def dx(M: int, N: int, K: int, Ra: int) -> dict:
+def dx(M: int, N: int, K: int, Ra: int, esize: int) -> dict:
     if interpreting():
         cfg = dict(BM=16, BK=16, BN=16, GROUP_M=2, num_warps=4, num_stages=1)
     elif M <= 64:
@@ -65,10 +72,10 @@ def dx(M: int, N: int, K: int, Ra: int) -> dict:
         cfg = dict(BM=128, BK=128, BN=64, GROUP_M=8, num_warps=8, num_stages=4)
     else:
         cfg = dict(BM=128, BK=256, BN=64, GROUP_M=8, num_warps=8, num_stages=3)
-    return _with_override("dx", cfg)
+    return _with_override("dx", cfg, "BN", esize)
 
 
-def dA(M: int, K: int, Ra: int, sms: int) -> dict:
+def dA(M: int, K: int, Ra: int, sms: int, esize: int) -> dict:
     """dA = dq^T x~; SPLIT_M row slices so that the grid fills the GPU."""
     if interpreting():
         cfg = dict(BM=16, BK=16, num_warps=4, num_stages=1, SPLIT_M=2)
@@ -76,4 +83,4 @@ def dA(M: int, K: int, Ra: int, sms: int) -> dict:
         cfg = dict(BM=64, BK=128, num_warps=4, num_stages=3)
         cols = -(-K // cfg["BK"])
         cfg["SPLIT_M"] = max(1, min(-(-M // 256), -(-2 * sms // cols)))
-    return _with_override("dA", cfg)
+    return _with_override("dA", cfg, "BM", esize)
