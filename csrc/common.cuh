@@ -33,6 +33,33 @@ __device__ __forceinline__ int64_t adapter_of(const int64_t* ai, int64_t m, int6
   return (g >= 0 && g < G) ? g : -1;
 }
 
+// VEC consecutive elements at p as floats: one 16-byte load when VEC > 1 (the caller checks
+// stride 1 and 16-byte alignment), a plain load otherwise.
+template <typename T, int VEC>
+__device__ __forceinline__ void load_vec(const T* p, float (&v)[VEC]) {
+  if constexpr (VEC == 1) {
+    v[0] = static_cast<float>(p[0]);
+  } else {
+    union {
+      uint4 u;
+      T t[VEC];
+    } pack;
+    pack.u = *reinterpret_cast<const uint4*>(p);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) v[e] = static_cast<float>(pack.t[e]);
+  }
+}
+
+// True when t's data can be read with 16-byte loads along its last dimension from every row.
+template <typename T>
+bool vec16_ok(const at::Tensor& t) {
+  constexpr int V = 16 / sizeof(T);
+  if (t.stride(-1) != 1 || t.size(-1) % V != 0) return false;
+  for (int d = 0; d + 1 < t.dim(); ++d)
+    if (t.stride(d) % V != 0) return false;
+  return reinterpret_cast<uintptr_t>(t.data_ptr<T>()) % 16 == 0;
+}
+
 }  // namespace lorakern
 
 // fp32, fp16 and bf16 only (x's dtype); scalar_t names the element type inside.

@@ -80,21 +80,6 @@ constexpr int NW = 4;
 constexpr int DEC_WARPS = 4;
 
 template <typename T, int VEC>
-__device__ __forceinline__ void load_vec(const T* p, float (&v)[VEC]) {
-  if constexpr (VEC == 1) {
-    v[0] = static_cast<float>(p[0]);
-  } else {
-    union {
-      uint4 u;
-      T t[VEC];
-    } pack;
-    pack.u = *reinterpret_cast<const uint4*>(p);
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) v[e] = static_cast<float>(pack.t[e]);
-  }
-}
-
-template <typename T, int VEC>
 __global__ void decode_kernel(const T* __restrict__ x, int64_t sxm, int64_t sxk, const T* __restrict__ W,
                               int64_t swn, int64_t swk, const T* __restrict__ bias, int64_t sb,
                               const float* __restrict__ Tm, const float* __restrict__ fac, int64_t sfg,
@@ -158,11 +143,6 @@ __global__ void decode_kernel(const T* __restrict__ x, int64_t sxm, int64_t sxk,
   }
 }
 
-template <typename T>
-bool aligned16(const at::Tensor& t) {
-  return reinterpret_cast<uintptr_t>(t.data_ptr<T>()) % 16 == 0;
-}
-
 }  // namespace
 
 void expand_add(at::Tensor& out, const at::Tensor& T, const at::Tensor& fac, const at::Tensor& B3,
@@ -194,8 +174,7 @@ void decode(const at::Tensor& x, const at::Tensor& W, const at::Tensor& bias, co
   auto stream = c10::cuda::getCurrentCUDAStream();
   LK_DISPATCH(x.scalar_type(), "lorakern_decode", [&] {
     constexpr int V = 16 / sizeof(scalar_t);
-    const bool vec = x.stride(1) == 1 && W.stride(1) == 1 && K % V == 0 && x.stride(0) % V == 0 &&
-                     W.stride(0) % V == 0 && aligned16<scalar_t>(x) && aligned16<scalar_t>(W);
+    const bool vec = vec16_ok<scalar_t>(x) && vec16_ok<scalar_t>(W);
     auto launch = [&](auto kernel) {
       kernel<<<grid, block, 0, stream>>>(
           x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), W.data_ptr<scalar_t>(), W.stride(0), W.stride(1),

@@ -1,7 +1,8 @@
 // rowdot: out[m, r] = sum_k X[m,k] * cs[g,k] * drop(m,k) * A3[g, idx[r], k] in float32.
 // Serves the forward shrink (X = x, A3 = lora_A, dropout in-kernel) and the backward
 // dt = (g * v) B (X = grad_y, cs = out_scale, A3 = lora_B viewed [G, R, N]).
-// Tiling: one warp per row of X, lanes stride over k; RC ranks at a time are accumulated in
+// Tiling: one warp per row of X, lanes stride over k, VEC elements at a time (one 16-byte load
+// when X, A and cs are contiguous along k and aligned); RC ranks at a time are accumulated in
 // registers (one float each per lane) and reduced across the warp with shuffles, so X is read
 // once per RC active ranks. Rows whose adapter is -1 (or out of range) are written as zeros.
 #include "common.cuh"
@@ -13,7 +14,7 @@ namespace {
 constexpr int RC = 16;    // ranks per pass, in registers
 constexpr int WARPS = 8;  // rows per block
 
-template <typename T>
+template <typename T, int VEC>
 __global__ void rowdot_kernel(const T* __restrict__ X, int64_t sxm, int64_t sxk, const T* __restrict__ A,
                               int64_t sag, int64_t sar, int64_t sak, const T* __restrict__ cs, int64_t csg,
                               int64_t csk, const int64_t* __restrict__ idx, int Ra,
@@ -38,12 +39,28 @@ __global__ void rowdot_kernel(const T* __restrict__ X, int64_t sxm, int64_t sxk,
     float acc[RC];
 #pragma unroll
     for (int j = 0; j < RC; ++j) acc[j] = 0.f;
-    for (int64_t k = lane; k < K; k += 32) {
-      float xv = static_cast<float>(xrow[k * sxk]) * drop.factor(m, k);
-      if (crow != nullptr) xv *= static_cast<float>(crow[k * csk]);
+    for (int64_t k = (int64_t)lane * VEC; k < K; k += 32 * VEC) {
+      float xv[VEC];
+      load_vec<T, VEC>(xrow + k * sxk, xv);
+      if (crow != nullptr) {
+        float cv[VEC];
+        load_vec<T, VEC>(crow + k * csk, cv);
 #pragma unroll
-      for (int j = 0; j < RC; ++j)
-        if (j < nr) acc[j] += xv * static_cast<float>(arow[j][k * sak]);
+        for (int e = 0; e < VEC; ++e) xv[e] *= cv[e];
+      }
+      if (drop.p > 0.f) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) xv[e] *= drop.factor(m, k + e);
+      }
+#pragma unroll
+      for (int j = 0; j < RC; ++j) {
+        if (j < nr) {
+          float av[VEC];
+          load_vec<T, VEC>(arow[j] + k * sak, av);
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) acc[j] += xv[e] * av[e];
+        }
+      }
     }
 #pragma unroll
     for (int j = 0; j < RC; ++j) {
@@ -65,13 +82,19 @@ void rowdot(const at::Tensor& X, const at::Tensor& A3, const at::Tensor& cs, con
   const dim3 grid((unsigned)((M + WARPS - 1) / WARPS)), block(WARPS * 32);
   auto stream = c10::cuda::getCurrentCUDAStream();
   LK_DISPATCH(X.scalar_type(), "lorakern_rowdot", [&] {
-    rowdot_kernel<scalar_t><<<grid, block, 0, stream>>>(
-        X.data_ptr<scalar_t>(), X.stride(0), X.stride(1), A3.data_ptr<scalar_t>(), A3.stride(0), A3.stride(1),
-        A3.stride(2), cs.defined() ? cs.data_ptr<scalar_t>() : nullptr, cs.defined() ? cs.stride(0) : 0,
-        cs.defined() ? cs.stride(1) : 0, idx.data_ptr<int64_t>(), Ra,
-        ai.defined() ? ai.data_ptr<int64_t>() : nullptr, A3.size(0), out.data_ptr<float>(), M, K,
-        make_dropout(p, seed, K));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    constexpr int V = 16 / sizeof(scalar_t);
+    const bool vec = vec16_ok<scalar_t>(X) && vec16_ok<scalar_t>(A3) && (!cs.defined() || vec16_ok<scalar_t>(cs));
+    auto launch = [&](auto kernel) {
+      kernel<<<grid, block, 0, stream>>>(
+          X.data_ptr<scalar_t>(), X.stride(0), X.stride(1), A3.data_ptr<scalar_t>(), A3.stride(0), A3.stride(1),
+          A3.stride(2), cs.defined() ? cs.data_ptr<scalar_t>() : nullptr, cs.defined() ? cs.stride(0) : 0,
+          cs.defined() ? cs.stride(1) : 0, idx.data_ptr<int64_t>(), Ra,
+          ai.defined() ? ai.data_ptr<int64_t>() : nullptr, A3.size(0), out.data_ptr<float>(), M, K,
+          make_dropout(p, seed, K));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (vec) launch(rowdot_kernel<scalar_t, V>);
+    else launch(rowdot_kernel<scalar_t, 1>);
   });
 }
 
