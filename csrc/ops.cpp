@@ -139,9 +139,10 @@ Tensor active_ranks(const optional<Tensor>& rank_idx, const Dims& d, const Tenso
 // (returned expanded: stride 0 over adapters when shared).
 Tensor rank_factor(double scaling, const optional<Tensor>& scaling_g, const optional<Tensor>& rank_scale,
                    const Tensor& idx, const Dims& d, const Tensor& x) {
-  Tensor f = rank_scale.has_value() ? rank_scale->index_select(-1, idx).to(at::kFloat)
-                                    : at::ones({d.Ra}, x.options().dtype(at::kFloat));
-  f = scaling_g.has_value() ? f * scaling_g->view({d.G, 1}) : f * scaling;
+  const double s = scaling_g.has_value() ? 1.0 : scaling;  // scaling is ignored when scaling_g is given
+  Tensor f = rank_scale.has_value() ? rank_scale->index_select(-1, idx).to(at::kFloat) * s
+                                    : at::full({d.Ra}, s, x.options().dtype(at::kFloat));
+  if (scaling_g.has_value()) f = f * scaling_g->view({d.G, 1});
   if (f.dim() == 1) f = f.unsqueeze(0);
   return f.contiguous().expand({d.G, d.Ra});
 }
