@@ -1,7 +1,8 @@
 """Check and time the triton backend on a CUDA GPU: one command, under five minutes.
 
     PYTHONPATH=$PWD python3 bench/triton_tune.py            # correctness of every path, then timings
-    PYTHONPATH=$PWD python3 bench/triton_tune.py --sweep    # also time candidate kernel configurations
+    PYTHONPATH=$PWD python3 bench/triton_tune.py --sweep    # all candidate configurations, no deadline
+    PYTHONPATH=$PWD python3 bench/triton_tune.py --aot 90   # compile every kernel variant for sm_90, no GPU
 
 Correctness: every path (q fused or not, dropout, rank_scale / mask / out_scale, banks with
 adapter_index incl. -1 rows and empty adapters, strided views) in bf16 / fp16 / fp32 against the
@@ -83,19 +84,24 @@ def check_case(dt, M, K, N, R, p=0.0, **flags):
 
 def correctness() -> bool:
     cases = [
-        ("plain fused-q", dict(fuse=True)), ("plain shrink", dict(fuse=False)),
+        ("plain fused q, dA", dict(fuse=True)), ("plain separate passes", dict(fuse=False)),
         ("dropout 0.1", dict(p=0.1)), ("decode M=1 dropout", dict(M=1, p=0.1)),
         ("scales+mask", dict(scales=True, mask=True)), ("strided", dict(strided=True, scales=True, p=0.2)),
         ("bank", dict(G=5)), ("bank scales+mask+dropout", dict(G=5, scales=True, mask=True, p=0.1)),
         ("bank strided decode", dict(G=3, strided=True, M=16)),
     ]
+    half = ("plain separate passes", "dropout 0.1", "bank scales+mask+dropout")
     ok = True
     print(f"{'case':28s} {'dtype':9s} {'worst rel err':>13s}  (tolerance: fp32 5e-4 / half 1e-2, grads 2x)")
     for dt in (torch.bfloat16, torch.float16, torch.float32):
         tol = 2 * (5e-4 if dt == torch.float32 else 1e-2)
         for name, c in cases:
+            if dt != torch.bfloat16 and name not in half:
+                continue
             c = dict(c)
-            configs.OVERRIDE["fwd"] = {"FUSE_Q": c.pop("fuse")} if "fuse" in c else {}
+            if "fuse" in c:
+                fuse = c.pop("fuse")
+                configs.OVERRIDE.update(fwd={"FUSE_Q": fuse}, dx={"FUSE_DA": fuse})
             M = c.pop("M", 1031)
             worst, errs = check_case(dt, M, 1000, 777, c.pop("R", 13), **c)
             configs.OVERRIDE.clear()
@@ -186,20 +192,22 @@ def timings(Ms=(1, 16, 128, 2048, 8192), K=4096, N=4096, R=16):
                     print(f"{M:5d} {p:4.1f} {label:7s} {tb:9.4f} " + " ".join(cells), flush=True)
 
 
-def sweep(M=8192, K=4096, N=4096, R=16):
-    """Time candidate configurations of each kernel family (kernels only, bf16, p=0 and 0.1)."""
-    fwd_cands = [
-        dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, FUSE_Q=False),
-        dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, FUSE_Q=True),
-        dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, FUSE_Q=False),
-        dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=4, num_stages=4, FUSE_Q=True),
-        dict(BM=256, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3, FUSE_Q=False),
-    ]
-    dx_cands = [dict(BM=128, BK=256, BN=64, GROUP_M=8, num_warps=8, num_stages=3),
-                dict(BM=128, BK=128, BN=64, GROUP_M=8, num_warps=8, num_stages=4),
-                dict(BM=256, BK=128, BN=64, GROUP_M=8, num_warps=8, num_stages=3)]
-    gpass_cands = [dict(BM=64, BN=128, num_warps=4, num_stages=3), dict(BM=128, BN=64, num_warps=4, num_stages=3),
-                   dict(BM=64, BN=64, num_warps=4, num_stages=4)]
+def sweep(deadline: float, full: bool, M=8192, K=4096, N=4096, R=16):
+    """Kernel breakdown at M=8192 (bf16, p = 0 and 0.1), then candidate configurations per
+    kernel family (two each by default, all with ``full``) until ``deadline`` (time.time())."""
+    from triton.testing import do_bench
+    fwd_cands = [dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, FUSE_Q=False),
+                 dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, FUSE_Q=True),
+                 dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, FUSE_Q=False),
+                 dict(BM=256, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3, FUSE_Q=False),
+                 dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=4, FUSE_Q=False)]
+    dx_cands = [dict(BM=128, BK=256, BN=64, GROUP_M=8, num_warps=8, num_stages=3, FUSE_DA=False),
+                dict(BM=128, BK=256, BN=64, GROUP_M=8, num_warps=8, num_stages=3, FUSE_DA=True),
+                dict(BM=128, BK=128, BN=64, GROUP_M=8, num_warps=8, num_stages=4, FUSE_DA=False),
+                dict(BM=256, BK=128, BN=64, GROUP_M=8, num_warps=8, num_stages=3, FUSE_DA=False)]
+    gpass_cands = [dict(BM=128, BN=128, num_warps=8, num_stages=3), dict(BM=64, BN=128, num_warps=4, num_stages=3),
+                   dict(BM=128, BN=64, num_warps=4, num_stages=4), dict(BM=128, BN=128, num_warps=8, num_stages=3,
+                                                                           SPLIT_N=1)]
     dA_cands = [dict(BM=64, BK=128, num_warps=4, num_stages=3), dict(BM=128, BK=64, num_warps=4, num_stages=3),
                 dict(BM=64, BK=64, num_warps=4, num_stages=4)]
     shrink_cands = [dict(BM=64, BK=128, num_warps=4, num_stages=4), dict(BM=128, BK=64, num_warps=4, num_stages=4),
@@ -210,39 +218,47 @@ def sweep(M=8192, K=4096, N=4096, R=16):
     A = torch.randn(R, K, device="cuda", dtype=dt) * K ** -0.5
     B = torch.randn(N, R, device="cuda", dtype=dt) * 0.1
     g = torch.randn(M, N, device="cuda", dtype=dt)
-    from triton.testing import do_bench
     tb = do_bench(lambda: F.linear(x, W), return_mode="median")
     tdx = do_bench(lambda: torch.mm(g, W), return_mode="median")
-    print(f"\nsweep M={M} K={K} N={N} r={R} bf16: F.linear {tb:.4f} ms, g@W {tdx:.4f} ms")
+    print(f"\nkernels at M={M} K={K} N={N} r={R} bf16: F.linear {tb:.4f} ms, g@W {tdx:.4f} ms; "
+          f"ratios below are to F.linear (forward kinds) or g@W (backward kinds)")
+    needs = {"dx(+gpass dt)": (True, False, False, False, False, False, False),
+             "dA(+gpass dt)": (False, False, False, True, False, False, False),
+             "dB(gpass P)": (False, False, False, False, True, False, False),
+             "full bwd": (True, False, False, True, True, False, False)}
     for p in (0.0, 0.1):
-        _, q = lorakern.triton.forward(x, W, None, A, B, 2.0, None, None, None, None, p, 5, None)
-        for kind, cands, fn in (
-            ("fwd", fwd_cands, lambda: lorakern.triton.forward(x, W, None, A, B, 2.0, None, None, None, None, p, 5, None)),
-            ("shrink", shrink_cands, lambda: lorakern.triton.forward(x, W, None, A, B, 2.0, None, None, None, None, p, 5,
-                                                                    None)),
-            ("dx", dx_cands, lambda: lorakern.triton.backward(g, x, W, A, B, 2.0, None, None, None, None, p, 5, None, q,
-                                                            (True, False, False, False, False, False, False))),
-            ("gpass", gpass_cands, lambda: lorakern.triton.backward(g, x, W, A, B, 2.0, None, None, None, None, p, 5, None,
-                                                                  q, (False, False, False, False, True, False, False))),
-            ("dA", dA_cands, lambda: lorakern.triton.backward(g, x, W, A, B, 2.0, None, None, None, None, p, 5, None, q,
-                                                            (False, False, False, True, False, False, False))),
-        ):
-            for c in cands:
+        fwd = lambda: lorakern.triton.forward(x, W, None, A, B, 2.0, None, None, None, None, p, 5, None)  # noqa: E731
+        _, q = fwd()
+        bwd = lambda n: (lambda: lorakern.triton.backward(g, x, W, A, B, 2.0, None, None, None, None, p, 5, None, q,  # noqa: E731
+                                                          needs[n]))
+        rows = [("forward", fwd, tb)] + [(n, bwd(n), tdx) for n in needs]
+        for name, fn, ref in rows:
+            if time.time() > deadline:
+                print("(deadline: rest of the sweep skipped)")
+                return
+            t = do_bench(fn, return_mode="median")
+            print(f"p={p} {name:14s} {t:8.4f} ms ({t / ref:4.2f})", flush=True)
+        families = (("fwd", fwd_cands, fwd, tb), ("shrink", shrink_cands, fwd, tb),
+                    ("dx", dx_cands, bwd("full bwd"), tdx), ("gpass", gpass_cands, bwd("dB(gpass P)"), tdx),
+                    ("dA", dA_cands, bwd("dA(+gpass dt)"), tdx))
+        for kind, cands, fn, ref in families:
+            for c in cands if full else cands[:2]:
+                if time.time() > deadline:
+                    print("(deadline: rest of the sweep skipped)")
+                    configs.OVERRIDE.clear()
+                    return
                 configs.OVERRIDE.clear()
                 if kind == "shrink":
                     configs.OVERRIDE["fwd"] = {"FUSE_Q": False}
+                if kind == "dA":
+                    configs.OVERRIDE["dx"] = {"FUSE_DA": False}
                 configs.OVERRIDE[kind] = c
                 try:
                     t = do_bench(fn, return_mode="median")
-                    print(f"p={p} {kind:6s} {t:8.4f} ms ({t / (tdx if kind == 'dx' else tb):4.2f}) {c}", flush=True)
-                except Exception as e:  # a config that does not compile (shared memory): say so, go on
+                    print(f"p={p} {kind:6s} {t:8.4f} ms ({t / ref:4.2f}) {c}", flush=True)
+                except Exception as e:  # a configuration that does not fit (shared memory): say so, go on
                     print(f"p={p} {kind:6s} failed {c}: {type(e).__name__}: {str(e)[:80]}")
-            configs.OVERRIDE.clear()
-    full = (True, False, False, True, True, False, False)
-    _, q = lorakern.triton.forward(x, W, None, A, B, 2.0, None, None, None, None, 0.0, 5, None)
-    t = do_bench(lambda: lorakern.triton.backward(g, x, W, A, B, 2.0, None, None, None, None, 0.0, 5, None, q, full),
-                 return_mode="median")
-    print(f"backward (dx, dA, dB) kernels: {t:.4f} ms ({t / tdx:.2f} of g@W)")
+        configs.OVERRIDE.clear()
 
 
 # --------------------------------------------------------------------------- compile-only (no GPU)
@@ -347,7 +363,8 @@ def _record_call(dt, M, K, N, R, p, *, G=None, scales=False, mask=False, strided
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sweep", action="store_true", help="also time candidate kernel configurations")
+    ap.add_argument("--sweep", action="store_true", help="time every candidate configuration (default: two "
+                    "per kernel family, until 270 s have passed)")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness pass")
     ap.add_argument("--sweep-only", action="store_true", help="only the configuration sweep")
     ap.add_argument("--aot", type=int, metavar="ARCH", help="only compile every kernel variant for sm_ARCH "
@@ -367,8 +384,8 @@ def main() -> int:
             ok = correctness()
             print(f"correctness: {'all ok' if ok else 'FAILURES'} ({time.time() - t0:.0f} s)")
         timings()
-    if args.sweep or args.sweep_only:
-        sweep()
+        print(f"({time.time() - t0:.0f} s)")
+    sweep(t0 + (1e9 if args.sweep or args.sweep_only else 270), full=args.sweep or args.sweep_only)
     print(f"total {time.time() - t0:.0f} s")
     return 0 if ok else 1
 

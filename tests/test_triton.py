@@ -143,11 +143,13 @@ def check(dt, t, kw, *, dropout_p=0.0, seed=11, grads=True):
 # --------------------------------------------------------------------------- single adapter
 
 
-@pytest.mark.parametrize("fuse_q", [True, False])
+@pytest.mark.parametrize("fuse", [True, False])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_plain(env, override, fuse_q, p):
+def test_plain(env, override, fuse, p):
+    """fuse: q inside the forward GEMM and dA inside the dx kernel, or each in its own pass."""
     dev, dt = env
-    override("fwd", FUSE_Q=fuse_q)
+    override("fwd", FUSE_Q=fuse)
+    override("dx", FUSE_DA=fuse)
     t, kw = make(dev, dt, *shape(dev, (37, 41, 35, 6), (1237, 1000, 777, 13)))
     check(dt, t, kw, dropout_p=p)
 

@@ -179,30 +179,34 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, 
     elif n_b:
         db = g.sum(0, dtype=f32)
 
-    dx = None
+    dx = da_buf = None
+    if n_A:
+        da_buf = torch.zeros((ad.G, ad.Ra, K), dtype=f32, device=dev)
+    fuse_da = False
     if n_x:
-        cfg = configs.dx(M, N, K, ad.Ra, x.element_size())
+        cfg = configs.dx(M, N, K, ad.Ra, p > 0, x.element_size())
+        fuse_da = n_A and cfg["FUSE_DA"]
         dx = alloc.empty((M, K), dtype=x.dtype, device=dev)
         grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(K, cfg["BK"]),)
         dx_kernel[grid](
-            g, weight, lora_A, dt, dx, ptrs["RIDX"], ptrs["U"], ptrs["SG"], ptrs["IDX"], ptrs["PERM"],
-            M, N, K, ad.Ra, ad.G, ad.scaling, p, seed,
+            g, weight, lora_A, dt, dx, x, da_buf if fuse_da else dt, ptrs["RIDX"], ptrs["U"], ptrs["SG"],
+            ptrs["IDX"], ptrs["PERM"], M, N, K, ad.Ra, ad.G, ad.scaling, p, seed,
             g.stride(0), g.stride(1), weight.stride(0), weight.stride(1), sAg, sAr, sAk, sUg, sUr,
-            dt.stride(0), dx.stride(0), dx.stride(1),
-            BM=cfg["BM"], BK=cfg["BK"], BN=cfg["BN"], RP=ad.RP, GROUP_M=cfg["GROUP_M"], DROPOUT=p > 0,
-            **flags, **_launch_opts(cfg))
+            dt.stride(0), dx.stride(0), dx.stride(1), x.stride(0), x.stride(1),
+            BM=cfg["BM"], BK=cfg["BK"], BN=cfg["BN"], RP=ad.RP, GROUP_M=cfg["GROUP_M"], FUSE_DA=fuse_da,
+            DROPOUT=p > 0, **flags, **_launch_opts(cfg))
 
     dA = None
     if n_A:
-        cfg = configs.dA(M, K, ad.Ra, _sm_count(dev), x.element_size())
-        rows_per = triton.cdiv(triton.cdiv(M, cfg["SPLIT_M"]), cfg["BM"]) * cfg["BM"]
-        buf = torch.zeros((ad.G, ad.Ra, K), dtype=f32, device=dev)
-        dA_kernel[(triton.cdiv(K, cfg["BK"]), triton.cdiv(M, rows_per))](
-            x, dt, buf, ptrs["RIDX"], ptrs["U"], ptrs["SG"], ptrs["IDX"], ptrs["PERM"],
-            M, K, ad.Ra, ad.G, ad.scaling, p, seed, rows_per,
-            x.stride(0), x.stride(1), sUg, sUr, dt.stride(0),
-            BM=cfg["BM"], BK=cfg["BK"], RP=ad.RP, DROPOUT=p > 0, **flags, **_launch_opts(cfg))
-        dA = _scatter_ranks(buf, lora_A, ad.ridx, lora_A.dim() - 2)
+        if not fuse_da:
+            cfg = configs.dA(M, K, ad.Ra, _sm_count(dev), x.element_size())
+            rows_per = triton.cdiv(triton.cdiv(M, cfg["SPLIT_M"]), cfg["BM"]) * cfg["BM"]
+            dA_kernel[(triton.cdiv(K, cfg["BK"]), triton.cdiv(M, rows_per))](
+                x, dt, da_buf, ptrs["RIDX"], ptrs["U"], ptrs["SG"], ptrs["IDX"], ptrs["PERM"],
+                M, K, ad.Ra, ad.G, ad.scaling, p, seed, rows_per,
+                x.stride(0), x.stride(1), sUg, sUr, dt.stride(0),
+                BM=cfg["BM"], BK=cfg["BK"], RP=ad.RP, DROPOUT=p > 0, **flags, **_launch_opts(cfg))
+        dA = _scatter_ranks(da_buf, lora_A, ad.ridx, lora_A.dim() - 2)
 
     dB = dv = None
     if need_P:

@@ -95,17 +95,19 @@ def gpass_kernel(
 
 @triton.jit
 def dx_kernel(
-    GY, W, A, DT, DX, RIDX, U, SG, IDX, PERM,
+    GY, W, A, DT, DX, X, DA, RIDX, U, SG, IDX, PERM,
     M, N, K, Ra, G, scaling, p, seed,
-    sgm, sgn, swn, swk, sAg, sAr, sAk, sUg, sUr, sdtm, sdxm, sdxk,
+    sgm, sgn, swn, swk, sAg, sAr, sAk, sUg, sUr, sdtm, sdxm, sdxk, sxm, sxk,
     BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr, GROUP_M: tl.constexpr,
-    DROPOUT: tl.constexpr, HAS_RIDX: tl.constexpr, HAS_U: tl.constexpr, HAS_SG: tl.constexpr,
-    BANKED: tl.constexpr, HAS_PERM: tl.constexpr,
+    FUSE_DA: tl.constexpr, DROPOUT: tl.constexpr, HAS_RIDX: tl.constexpr, HAS_U: tl.constexpr,
+    HAS_SG: tl.constexpr, BANKED: tl.constexpr, HAS_PERM: tl.constexpr,
 ):
     # Program: one [BM, BK] tile of dx = g W, the inner loop over N in BN steps; then the
     # adapter part (dq A) [BM, BK] per adapter in the tile, times keep / (1 - p) (the 1 / (1 - p)
     # is in dq), added in the epilogue. Registers: two fp32 [BM, BK] accumulators, one g tile
-    # [BM, BN], one W tile [BN, BK], then dq [BM, RP] and one A tile [RP, BK].
+    # [BM, BN], one W tile [BN, BK], then dq [BM, RP] and one A tile [RP, BK]. With FUSE_DA the
+    # epilogue also reads the x tile [BM, BK] and adds dq^T x~ [RP, BK] to dA (fp32, atomic),
+    # so the keep-mask is generated once for dx and dA.
     pid_m, pid_k = grouped_pid(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(K, BK), GROUP_M)
     pm = pid_m * BM + tl.arange(0, BM)
     rk = pid_k * BK + tl.arange(0, BK)
@@ -134,14 +136,24 @@ def dx_kernel(
     dtype = GY.dtype.element_ty
     a_ptrs = A + ranks[:, None] * sAr + rk64[None, :] * sAk
     amask = rmask[:, None] & kmask[None, :]
+    if DROPOUT:
+        keep = keep_tile(seed, rows, rk, K, p)
+    if FUSE_DA:
+        x = tl.load(X + rows[:, None] * sxm + rk64[None, :] * sxk, mask=mmask[:, None] & kmask[None, :], other=0.0)
+        if DROPOUT:
+            x = tl.where(keep, x, 0.0).to(dtype)
+        da_ptrs = DA + rr[:, None].to(tl.int64) * K + rk64[None, :]
     part = tl.zeros((BM, BK), tl.float32)
     g = next_adapter(ad, -1, G)
     while g < G:
-        a = tl.load(a_ptrs + g.to(tl.int64) * sAg, mask=amask, other=0.0)
-        part = tl.dot(tl.where((ad == g)[:, None], dq, 0.0).to(dtype), a, part)
+        g64 = g.to(tl.int64)
+        dqg = tl.where((ad == g)[:, None], dq, 0.0).to(dtype)
+        part = tl.dot(dqg, tl.load(a_ptrs + g64 * sAg, mask=amask, other=0.0), part)
+        if FUSE_DA:
+            tl.atomic_add(da_ptrs + g64 * Ra * K, tl.dot(tl.trans(dqg), x), mask=amask)
         g = next_adapter(ad, g, G)
     if DROPOUT:
-        part = tl.where(keep_tile(seed, rows, rk, K, p), part, 0.0)
+        part = tl.where(keep, part, 0.0)
     acc += part
     tl.store(DX + rows[:, None] * sdxm + rk64[None, :] * sdxk, acc.to(DX.dtype.element_ty),
              mask=mmask[:, None] & kmask[None, :])

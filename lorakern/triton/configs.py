@@ -27,12 +27,14 @@ def fwd(M: int, N: int, K: int, Ra: int, banked: bool, dropout: bool, esize: int
     """The forward GEMM (and whether it computes q itself, FUSE_Q; never with per-row adapters)."""
     if interpreting():
         cfg = dict(BM=16, BN=16, BK=16, GROUP_M=2, num_warps=4, num_stages=1, FUSE_Q=not banked)
-    elif M <= 16:
-        cfg = dict(BM=16, BN=32, BK=256, GROUP_M=1, num_warps=4, num_stages=4, FUSE_Q=True)
+    elif M <= 16:  # decode: W-bandwidth bound, N / 32 programs, q inside the GEMM (one launch)
+        cfg = dict(BM=16, BN=32, BK=256, GROUP_M=1, num_warps=4, num_stages=4, FUSE_Q=not dropout)
     elif M <= 64:
-        cfg = dict(BM=64, BN=64, BK=128, GROUP_M=1, num_warps=4, num_stages=4, FUSE_Q=True)
+        cfg = dict(BM=64, BN=32, BK=128, GROUP_M=1, num_warps=4, num_stages=4, FUSE_Q=not dropout)
+    elif M <= 256:
+        cfg = dict(BM=128, BN=32, BK=128, GROUP_M=8, num_warps=4, num_stages=4, FUSE_Q=not dropout)
     elif M <= 1024:
-        cfg = dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, FUSE_Q=not dropout)
+        cfg = dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, FUSE_Q=False)
     else:
         cfg = dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, FUSE_Q=False)
     cfg = _with_override("fwd", cfg, "BK", esize)
@@ -56,22 +58,26 @@ def gpass(M: int, N: int, Ra: int, sms: int, esize: int) -> dict:
     if interpreting():
         cfg = dict(BM=16, BN=16, num_warps=4, num_stages=1, SPLIT_N=2)
     else:
-        bm = 64 if M > 1024 else 16
-        cfg = dict(BM=bm, BN=128, num_warps=4, num_stages=3)
+        bm = 128 if M > 1024 else 64 if M > 64 else 16
+        cfg = dict(BM=bm, BN=128, num_warps=8 if bm == 128 else 4, num_stages=3)
         rows = -(-M // bm)
         cfg["SPLIT_N"] = max(1, min(-(-N // 512), -(-2 * sms // rows)))
     return _with_override("gpass", cfg, "BN", esize)
 
 
-def dx(M: int, N: int, K: int, Ra: int, esize: int) -> dict:
+def dx(M: int, N: int, K: int, Ra: int, dropout: bool, esize: int) -> dict:
+    """The dx GEMM; FUSE_DA: dA in its epilogue too (one keep-mask generation for both)."""
     if interpreting():
         cfg = dict(BM=16, BK=16, BN=16, GROUP_M=2, num_warps=4, num_stages=1)
-    elif M <= 64:
-        cfg = dict(BM=max(16, min(64, 1 << (M - 1).bit_length())), BK=64, BN=128, GROUP_M=1, num_warps=4, num_stages=4)
+    elif M <= 64:  # W-bandwidth bound: K / 32 programs
+        cfg = dict(BM=max(16, 1 << (M - 1).bit_length()), BK=32, BN=128, GROUP_M=1, num_warps=4, num_stages=4)
+    elif M <= 256:
+        cfg = dict(BM=128, BK=32, BN=128, GROUP_M=8, num_warps=4, num_stages=4)
     elif M <= 1024:
         cfg = dict(BM=128, BK=128, BN=64, GROUP_M=8, num_warps=8, num_stages=4)
     else:
         cfg = dict(BM=128, BK=256, BN=64, GROUP_M=8, num_warps=8, num_stages=3)
+    cfg["FUSE_DA"] = dropout
     return _with_override("dx", cfg, "BN", esize)
 
 
