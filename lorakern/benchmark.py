@@ -341,7 +341,7 @@ class Item:
     graph_error: str = ""
     eager_ms: Optional[float] = None
     graph_ms: Optional[float] = None
-    n_rounds: Optional[int] = None  # CPU: interleaved rounds behind the median
+    samples_ms: Optional[list[float]] = None  # CPU: one time per interleaved round, in round order
 
 
 def _capture(steps: Sequence[Callable[[], object]]) -> "torch.cuda.CUDAGraph":
@@ -390,7 +390,8 @@ def _time_cpu(items: Sequence[Item], budget_s: float, min_rounds: int, max_round
         if rnd + 1 >= min_rounds and time.perf_counter() > t_end:
             break
     for it, ts in zip(items, times):
-        it.ms, it.n_rounds = statistics.median(ts) * 1e3, len(ts)
+        it.samples_ms = [t * 1e3 for t in ts]
+        it.ms = statistics.median(it.samples_ms)
 
 
 # --------------------------------------------------------------------------- the run
@@ -446,8 +447,9 @@ def to_record(item: Item, dtype: torch.dtype) -> dict:
         rec["graph_ms"] = item.graph_ms
     if item.graph_error:
         rec["graph_error"] = item.graph_error
-    if item.n_rounds is not None:
-        rec["n_rounds"] = item.n_rounds
+    if item.samples_ms is not None:
+        rec["n_rounds"] = len(item.samples_ms)
+        rec["samples_ms"] = item.samples_ms
     return rec
 
 
@@ -501,7 +503,7 @@ def run(cases: Iterable[Case], providers: Sequence[str], device: torch.device, d
     """Time ``providers`` on ``cases``: (records, skipped) with skipped = {provider: [reasons]}.
 
     >>> recs, skipped = run([Case("fwd", Shape(4, 32, 16, 4), Variant())], ["base", "lorakern-torch"],
-    ...                     torch.device("cpu"), torch.float32, Settings(cpu_budget_s=0.01))
+    ...                     torch.device("cpu"), torch.float32, Settings(cpu_budget_s=0.01), log=len)
     >>> sorted(r["provider"] for r in recs)
     ['base', 'lorakern-torch']
     """
@@ -536,14 +538,22 @@ def time_items(items: Sequence[Item], device: torch.device, settings: Settings) 
 
 
 def add_ratios(records: list[dict]) -> None:
-    """ratio_to_base (same mode and shape) and speedup_vs_peft (same case) on every record."""
+    """ratio_to_base (same mode and shape) and speedup_vs_peft (same case) on every record.
+
+    CPU records of one interleaved group also get ``paired_ratio_to_base``: the median over rounds
+    of this round's time over base's time in the same round, which a machine whose load drifts
+    between rounds moves less than the ratio of the two medians.
+    """
     shape_key = lambda r: (r["mode"], r["M"], r["K"], r["N"], r["r"], r["dtype"])  # noqa: E731
     case_key = lambda r: shape_key(r) + (r["dropout"], r["masked"], r["adapters"])  # noqa: E731
-    base = {shape_key(r): r["median_ms"] for r in records if r["provider"] == "base"}
+    base = {shape_key(r): r for r in records if r["provider"] == "base"}
     peft = {case_key(r): r["median_ms"] for r in records if r["provider"] == "peft"}
     for r in records:
-        if shape_key(r) in base:
-            r["ratio_to_base"] = r["median_ms"] / base[shape_key(r)]
+        b = base.get(shape_key(r))
+        if b is not None:
+            r["ratio_to_base"] = r["median_ms"] / b["median_ms"]
+            if "samples_ms" in r and len(r["samples_ms"]) == len(b.get("samples_ms", ())):
+                r["paired_ratio_to_base"] = statistics.median(t / tb for t, tb in zip(r["samples_ms"], b["samples_ms"]))
         if case_key(r) in peft:
             r["speedup_vs_peft"] = peft[case_key(r)] / r["median_ms"]
 
