@@ -14,8 +14,8 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 
-GPU=$(python3 -c 'import torch; from lorakern.benchmark import device_slug; print(device_slug(torch.device("cuda")))') \
-    || { echo "gpu_run: no CUDA device visible to python3's torch" >&2; exit 2; }
+slug='import torch; from lorakern.benchmark import device_slug; print(device_slug(torch.device("cuda")))'
+GPU=$(python3 -c "$slug") || { echo "gpu_run: no CUDA device visible to python3's torch" >&2; exit 2; }
 nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'
 

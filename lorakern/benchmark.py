@@ -13,11 +13,12 @@ under ``no_grad``, dropout applied when p > 0), ``bwd`` (backward alone, over a 
 and ``fwdbwd`` (forward, then gradients of x and of every adapter tensor; the base is frozen).
 
 On a GPU each time is ``triton.testing.do_bench``'s median (device events, L2 flushed before
-each run) over a step that cycles through several input sets whose bytes exceed the L2 cache;
-each provider's cycle is also captured in a CUDA graph and its replays timed (``graph_ms``); at
-decode sizes (M <= 64), where launch and Python overhead would otherwise dominate, the graph time is
-the record's ``median_ms``, elsewhere the eager time is (a provider that cannot be captured is timed
-eagerly and its record says why). On CPU each time is the median of interleaved runs: every round runs every provider of a group once.
+each run) over a step that cycles through several input sets whose bytes exceed the L2 cache.
+Each provider's cycle is also captured in a CUDA graph and its replays timed (``graph_ms``). At
+decode sizes (M <= 64), where launch and Python overhead would otherwise dominate, the graph time
+is the record's ``median_ms``, elsewhere the eager time is; a provider that cannot be captured
+keeps its eager time and its record says why. On CPU each time is the median of interleaved
+runs: every round runs every provider and variant of a (shape, mode) group once.
 """
 from __future__ import annotations
 
