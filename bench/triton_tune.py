@@ -287,8 +287,11 @@ def aot(arch: int = 90, dtypes=(torch.bfloat16, torch.float16, torch.float32)) -
             return self.launch
 
         def launch(self, *args, num_warps=4, num_stages=3, **consts):
-            sig, cst = {}, dict(consts)
-            for name, a in zip(self.fn.arg_names, args):
+            sig, cst, attrs = {}, dict(consts), {}
+            for i, (name, a) in enumerate(zip(self.fn.arg_names, args)):
+                if (isinstance(a, torch.Tensor) and a.data_ptr() % 16 == 0) or (
+                        type(a) is int and a % 16 == 0):  # Triton's launcher marks these 16-divisible
+                    attrs[(i,)] = [["tt.divisibility", 16]]
                 if isinstance(a, torch.Tensor):
                     sig[name] = "*" + names[a.dtype]
                 elif isinstance(a, bool) or a is None or (isinstance(a, int) and a == 1):
@@ -299,11 +302,13 @@ def aot(arch: int = 90, dtypes=(torch.bfloat16, torch.float16, torch.float32)) -
                     sig[name] = "fp32"
             for name in cst:
                 sig[name] = "constexpr"
-            key = (self.fn.__name__, tuple(sorted(sig.items())), tuple(sorted(cst.items())), num_warps, num_stages)
+            key = (self.fn.__name__, tuple(sorted(sig.items())), tuple(sorted(cst.items())), tuple(sorted(attrs)),
+                   num_warps, num_stages)
             if key in seen:
                 return
             src = ASTSource(fn=self.fn, signature={n: sig[n] for n in self.fn.arg_names},
-                            constexprs={(self.fn.arg_names.index(k),): v for k, v in cst.items()})
+                            constexprs={(self.fn.arg_names.index(k),): v for k, v in cst.items()},
+                            attrs={k: v for k, v in attrs.items() if sig[self.fn.arg_names[k[0]]] != "constexpr"})
             t0 = time.time()
             try:
                 k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
@@ -357,8 +362,9 @@ def _record_call(dt, M, K, N, R, p, *, G=None, scales=False, mask=False, strided
     args = (x, e(N, K), e(N), A, B, 1.0, sg, u, ridx, v, p, 5, idx)
     _, q = lorakern.triton.forward(*args)
     x_, w_, _b, A_, B_, *rest = args
-    needs = (True, False, True, True, True, scales, scales)
-    lorakern.triton.backward(e(M, N), x_, w_, A_, B_, *rest, q, needs)
+    every = (True, False, True, True, True, scales, scales)
+    for needs in (every, (True,) + (False,) * 6, (False,) * 3 + (True,) + (False,) * 3, (False,) * 4 + (True,) + (False,) * 2):
+        lorakern.triton.backward(e(M, N), x_, w_, A_, B_, *rest, q, needs)
 
 
 def main() -> int:
