@@ -36,5 +36,18 @@ test-interpret: $(STAMP)
 gpu-check:
 	PYTHONPATH=$(CURDIR) $(PYTHON) -m pytest -q -m "gpu" tests
 
+# the CPU benchmark suite with its gates, then lorakern bench --quick on the best device here
+bench: $(STAMP)
+	$(VPY) -m pytest -q bench/bench_cpu.py
+	mkdir -p out
+	$(VPY) -m lorakern.cli bench --quick --json out/bench.json --plot out/bench.png
+
+# On a GPU machine (system python, no installs): a fresh quick run against bench/results/<gpu>.json;
+# fails when a lorakern backend is more than 10% slower (median) than the committed figures
+bench-compare:
+	mkdir -p out
+	PYTHONPATH=$(CURDIR) $(PYTHON) -m lorakern.cli bench --quick --json out/bench-fresh.json
+	PYTHONPATH=$(CURDIR) $(PYTHON) bench/compare.py out/bench-fresh.json
+
 clean:
 	rm -rf build *.egg-info $(VENV)
