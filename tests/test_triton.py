@@ -172,8 +172,12 @@ def test_all_features(env):
 
 @pytest.mark.parametrize("split", [1, 3])
 def test_split_passes(env, override, split):
-    """g-pass with dt stored or added atomically over N slices; dA over one or several row slices."""
+    """Each pass whole or split with atomic adds: shrink over K slices, g-pass (dt) over N slices,
+    dA over row slices."""
     dev, dt = env
+    override("fwd", FUSE_Q=False)
+    override("dx", FUSE_DA=False)
+    override("shrink", SPLIT_K=split)
     override("gpass", SPLIT_N=split)
     override("dA", SPLIT_M=split)
     t, kw = make(dev, dt, *shape(dev, (40, 34, 48, 5), (777, 520, 1500, 7)), rank_scale="shared", out_scale="shared")

@@ -107,12 +107,16 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, ran
     cfg = configs.fwd(M, N, K, ad.Ra, ad.banked, p > 0, x.element_size())
     flags = ad.flags()
     if not cfg["FUSE_Q"]:
-        sc = configs.shrink(M, K, ad.Ra, x.element_size())
-        shrink_kernel[(triton.cdiv(M, sc["BM"]),)](
+        sc = configs.shrink(M, K, ad.Ra, _sm_count(x.device), x.element_size())
+        k_per = triton.cdiv(triton.cdiv(K, sc["SPLIT_K"]), sc["BK"]) * sc["BK"]
+        split = triton.cdiv(K, k_per)
+        if split > 1:
+            q.zero_()
+        shrink_kernel[(triton.cdiv(M, sc["BM"]), split)](
             x, lora_A, q, ptrs["RIDX"], ptrs["IDX"], ptrs["PERM"],
-            M, K, ad.Ra, ad.G, p, 1.0 / (1.0 - p), seed,
+            M, K, ad.Ra, ad.G, p, 1.0 / (1.0 - p), seed, k_per,
             x.stride(0), x.stride(1), sAg, sAr, sAk, q.stride(0),
-            BM=sc["BM"], BK=sc["BK"], RP=ad.RP, DROPOUT=p > 0, HAS_RIDX=flags["HAS_RIDX"],
+            BM=sc["BM"], BK=sc["BK"], RP=ad.RP, ATOMIC=split > 1, DROPOUT=p > 0, HAS_RIDX=flags["HAS_RIDX"],
             BANKED=ad.banked, HAS_PERM=flags["HAS_PERM"], **_launch_opts(sc))
     sUg, sUr = _vec_strides(ad.u)
     sVg, sVn = _vec_strides(ad.v)

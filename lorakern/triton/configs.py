@@ -43,13 +43,18 @@ def fwd(M: int, N: int, K: int, Ra: int, banked: bool, dropout: bool, esize: int
     return cfg
 
 
-def shrink(M: int, K: int, Ra: int, esize: int) -> dict:
+def shrink(M: int, K: int, Ra: int, sms: int, esize: int) -> dict:
+    """The shrink pass; SPLIT_K column slices (added atomically) so that few rows fill the GPU."""
     if interpreting():
-        cfg = dict(BM=16, BK=16, num_warps=4, num_stages=1)
-    elif M > 1024:
+        return _with_override("shrink", dict(BM=16, BK=16, num_warps=4, num_stages=1, SPLIT_K=2), "BK", esize)
+    if M > 1024:
         cfg = dict(BM=64, BK=128, num_warps=4, num_stages=4)
+    elif M > 64:
+        cfg = dict(BM=32, BK=128, num_warps=4, num_stages=3)
     else:
-        cfg = dict(BM=16, BK=256, num_warps=4, num_stages=3)
+        cfg = dict(BM=16, BK=64, num_warps=4, num_stages=3)
+    blocks = -(-M // cfg["BM"])
+    cfg["SPLIT_K"] = max(1, min(-(-K // cfg["BK"]), -(-2 * sms // blocks)))
     return _with_override("shrink", cfg, "BK", esize)
 
 

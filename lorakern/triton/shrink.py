@@ -15,30 +15,34 @@ from lorakern.triton.grouping import next_adapter, tile_adapters, tile_ranks, ti
 @triton.jit
 def shrink_kernel(
     X, A, Q, RIDX, IDX, PERM,
-    M, K, Ra, G, p, inv_keep, seed,
+    M, K, Ra, G, p, inv_keep, seed, k_per_split,
     sxm, sxk, sAg, sAr, sAk, sqm,
-    BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, ATOMIC: tl.constexpr,
     DROPOUT: tl.constexpr, HAS_RIDX: tl.constexpr, BANKED: tl.constexpr, HAS_PERM: tl.constexpr,
 ):
-    # Program: BM rows (in visiting order) x all RP compacted ranks; loops over K in BK steps.
-    # Registers: the fp32 accumulator [BM, RP], one x tile [BM, BK] and one A tile [BK, RP].
-    # Per-row adapters: each K step dots the x tile (other adapters' rows zeroed) with the A
-    # tile of every adapter present in the tile.
+    # Program: BM rows (in visiting order) x all RP compacted ranks over one slice of
+    # k_per_split columns, walked in BK steps; with several slices (ATOMIC) q is zeroed first
+    # and each slice adds its share atomically, so that few rows still fill the GPU (the keep
+    # mask of decode-size inputs is the cost, not the bytes). Registers: the fp32 accumulator
+    # [BM, RP], one x tile [BM, BK] and one A tile [BK, RP]. Per-row adapters: each K step
+    # dots the x tile (other adapters' rows zeroed) with the A tile of every adapter present.
     pm = tl.program_id(0) * BM + tl.arange(0, BM)
     mmask = pm < M
     rows = tile_rows(PERM, pm, mmask, HAS_PERM)
     rr = tl.arange(0, RP)
     rmask = rr < Ra
     ranks = tile_ranks(RIDX, rr, Ra, HAS_RIDX)
+    k_lo = tl.program_id(1) * k_per_split
+    k_hi = tl.minimum(K, k_lo + k_per_split)
     rk = tl.arange(0, BK)
-    x_ptrs = X + rows[:, None] * sxm + rk[None, :].to(tl.int64) * sxk
-    a_ptrs = A + ranks[None, :] * sAr + rk[:, None].to(tl.int64) * sAk
+    x_ptrs = X + rows[:, None] * sxm + (rk + k_lo)[None, :].to(tl.int64) * sxk
+    a_ptrs = A + ranks[None, :] * sAr + (rk + k_lo)[:, None].to(tl.int64) * sAk
     if BANKED:
         ad = tile_adapters(IDX, rows, mmask, G)
         first = next_adapter(ad, -1, G)
     acc = tl.zeros((BM, RP), tl.float32)
-    for k0 in range(0, K, BK):
-        kmask = rk + k0 < K
+    for k0 in range(k_lo, k_hi, BK):
+        kmask = rk + k0 < k_hi
         x = tl.load(x_ptrs, mask=mmask[:, None] & kmask[None, :], other=0.0)
         if DROPOUT:
             x = tl.where(keep_tile(seed, rows, rk + k0, K, p), x, 0.0).to(X.dtype.element_ty)
@@ -56,4 +60,8 @@ def shrink_kernel(
         a_ptrs += BK * sAk
     if DROPOUT:
         acc = acc * inv_keep
-    tl.store(Q + rows[:, None] * sqm + rr[None, :], acc, mask=mmask[:, None] & rmask[None, :])
+    q_ptrs = Q + rows[:, None] * sqm + rr[None, :]
+    if ATOMIC:
+        tl.atomic_add(q_ptrs, acc, mask=mmask[:, None] & rmask[None, :])
+    else:
+        tl.store(q_ptrs, acc, mask=mmask[:, None] & rmask[None, :])
