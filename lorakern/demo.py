@@ -27,13 +27,14 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-# model and run sizes; "cpu" finishes both runs in under 5 minutes on 2 cores
+# model and run sizes (batch: per process); "cpu" finishes both runs in under 5 minutes on 2 cores
 PRESETS = {
     "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=160, seq=32, batch=4, steps=6, warmup=2),
-    "cpu": dict(hidden=256, layers=4, heads=8, kv_heads=4, intermediate=704, seq=128, batch=8, steps=80, warmup=5),
+    "cpu": dict(hidden=256, layers=4, heads=8, kv_heads=4, intermediate=704, seq=128, batch=8, steps=60, warmup=5),
     "gpu": dict(hidden=2048, layers=8, heads=32, kv_heads=8, intermediate=8192, seq=1024, batch=8, steps=200,
                 warmup=20),
 }
@@ -96,6 +97,10 @@ def batches(tokens: torch.Tensor, n: int, batch: int, seq: int, seed: int) -> li
     return [torch.stack([tokens[s:s + seq] for s in row.tolist()]) for row in starts]
 
 
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -116,7 +121,8 @@ def _saved_bytes(params) -> tuple[contextlib.AbstractContextManager, dict]:
 
 
 def train(name: str, patched: bool, p: dict, args, device: torch.device, train_batches, eval_batches) -> Run:
-    """One fine-tuning run; identical in every respect but ``patched``."""
+    """One fine-tuning run; identical in every respect but ``patched``. Under torchrun: DDP, each
+    process training on its share of every batch."""
     from peft import LoraConfig, get_peft_model
     from tqdm import tqdm
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -132,7 +138,8 @@ def train(name: str, patched: bool, p: dict, args, device: torch.device, train_b
         base = LlamaForCausalLM(cfg).to(torch.bfloat16 if bf16 else torch.float32)
     model = get_peft_model(base, LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=args.dropout,
                                             target_modules=SEVEN))
-    run = Run(name, p["warmup"], p["batch"] * p["seq"])
+    rank, world = _rank_world()
+    run = Run(name, p["warmup"], world * p["batch"] * p["seq"])
     counter = _FallbackCounter()
     log = logging.getLogger("lorakern.peft")
     old_level = log.level
@@ -142,15 +149,17 @@ def train(name: str, patched: bool, p: dict, args, device: torch.device, train_b
         log.setLevel(logging.DEBUG)
     trainable = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=args.lr)
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    torch.manual_seed(args.seed + 1)  # dropout masks: the same draws from torch's generator
+    torch.manual_seed(args.seed + 1 + rank)  # dropout: the same generator state at the start of both runs
     try:
         model.train()
-        bar = tqdm(train_batches, desc=f"{name:>10}", unit="step", dynamic_ncols=True)
+        bar = tqdm(train_batches, desc=f"{name:>10}", unit="step", dynamic_ncols=True, disable=rank != 0)
         for step, ids in enumerate(bar):
-            ids = ids.to(device)
+            ids = ids[rank::world].to(device)
             _sync(device)
             t0 = time.perf_counter()
             hooks, seen = _saved_bytes(model.parameters()) if step == 0 else (contextlib.nullcontext(), {})
@@ -159,6 +168,10 @@ def train(name: str, patched: bool, p: dict, args, device: torch.device, train_b
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if world > 1:
+                loss = loss.detach().clone()
+                dist.all_reduce(loss)
+                loss /= world
             run.losses.append(loss.item())
             _sync(device)
             run.step_s.append(time.perf_counter() - t0)
@@ -211,13 +224,46 @@ def _mb(n: Optional[int]) -> str:
     return "-" if n is None else f"{n / 2**20:,.1f} MB"
 
 
+def _report(runs: Sequence[Run], p: dict, args, device: torch.device, dtype: torch.dtype, world: int) -> None:
+    stock, ours = runs
+    each = " (rank 0)" if world > 1 else ""
+    speedup = ours.tokens_per_s / stock.tokens_per_s
+    rows = [
+        ("tokens/s (timed steps)", f"{stock.tokens_per_s:,.0f}", f"{ours.tokens_per_s:,.0f}"),
+        ("median step", f"{1e3 * statistics.median(stock.step_s[stock.warmup:]):.1f} ms",
+         f"{1e3 * statistics.median(ours.step_s[ours.warmup:]):.1f} ms"),
+        ("saved activations / step" + each, _mb(stock.saved_bytes), _mb(ours.saved_bytes)),
+        ("peak GPU memory" + each, _mb(stock.peak_bytes), _mb(ours.peak_bytes)),
+        ("train loss (last 10 steps)", f"{stock.final_loss:.4f}", f"{ours.final_loss:.4f}"),
+        ("held-out loss", f"{stock.eval_loss:.4f}", f"{ours.eval_loss:.4f}"),
+    ]
+    print(f"\n{'':<36}{'stock PEFT':>12}{'lorakern':>12}")
+    for label, a, b in rows:
+        print(f"{label:<36}{a:>12}{b:>12}")
+    print(f"\nspeedup: {speedup:.2f}x tokens/s ({ours.fused_layers} layers fused, "
+          f"{ours.fallbacks} calls fell back to PEFT's forward)")
+    print("  (dropout masks come from different generators, so the two loss curves agree within noise, "
+          "not bit for bit)")
+    title = (f"PEFT LoRA r={args.r} on a {p['layers']}-layer Llama, {device.type} {str(dtype)[6:]}: "
+             f"lorakern {speedup:.2f}x tokens/s")
+    plot(runs, args.out, title)
+    print(f"plot: {os.path.abspath(args.out)}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the demo; returns the exit status (``lorakern demo --help`` lists the options)."""
+    """Run the demo; returns the exit status (``lorakern demo --help`` lists the options).
+
+    Under ``torchrun --nproc-per-node N``, each run is DDP over N processes (nccl on GPUs,
+    gloo on CPUs), each training on its share of every batch; rank 0 reports.
+    """
     ap = argparse.ArgumentParser(prog="lorakern demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--preset", choices=sorted(PRESETS), help="model and run size (default: by device)")
     ap.add_argument("--steps", type=int, help="training steps per run (default: the preset's)")
     ap.add_argument("--warmup", type=int, help="first steps left out of the timing (default: the preset's)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads (default 1: these small matmuls gain little from more, and on a shared "
+                         "machine several threads wait on each other)")
     ap.add_argument("--r", type=int, default=16, help="LoRA rank")
     ap.add_argument("--dropout", type=float, default=0.1, help="LoRA dropout")
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -230,48 +276,48 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p["warmup"] = p["warmup"] if args.warmup is None else args.warmup
     if not 1 <= p["warmup"] < p["steps"]:  # step 0 also measures saved activations: never timed
         ap.error(f"--warmup: expected 1 <= warmup < steps ({p['steps']}), got {p['warmup']}")
+    if args.threads < 1:
+        ap.error(f"--threads: expected >= 1, got {args.threads}")
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        _demo(p, args, device, world)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+    return 0
 
+
+def _demo(p: dict, args, device: torch.device, world: int) -> None:
     from lorakern.ops import resolve_backend
 
+    rank = _rank_world()[0]
+    say = print if rank == 0 else (lambda *a, **k: None)
     tokens, root = corpus()
     held_out = len(tokens) // 10
-    train_batches = batches(tokens[:-held_out], p["steps"], p["batch"], p["seq"], args.seed)
+    train_batches = batches(tokens[:-held_out], p["steps"], world * p["batch"], p["seq"], args.seed)
     eval_batches = batches(tokens[-held_out:], 4, p["batch"], p["seq"], args.seed + 1)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"CPU, {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}")
     backend = resolve_backend("auto", torch.empty(0, device=device, dtype=dtype), p["batch"] * p["seq"],
                               p["hidden"], p["hidden"], args.r)
-    print(f"lorakern demo: PEFT LoRA fine-tuning, stock PEFT against lorakern.peft.patch, on {device} ({where})")
-    print(f"  model: Llama architecture from a config (random weights, no downloads), {p['layers']} layers, "
-          f"hidden {p['hidden']}, MLP {p['intermediate']}, {p['heads']}/{p['kv_heads']} heads, "
-          f"{'bf16 autocast, fp32 adapters' if dtype == torch.bfloat16 else 'fp32'}")
-    print(f"  data: {len(tokens) / 2**20:.1f} MB of {root}/*.py as bytes; batch {p['batch']} x {p['seq']} "
-          f"= {p['batch'] * p['seq']:,} tokens/step; the same batches in the same order for both runs")
-    print(f"  LoRA r={args.r} alpha={2 * args.r} dropout={args.dropout} on {', '.join(SEVEN)}; AdamW lr {args.lr}; "
-          f"{p['steps']} steps, the first {p['warmup']} untimed; seed {args.seed} for both; lorakern backend {backend}")
-
+    say(f"lorakern demo: PEFT LoRA fine-tuning, stock PEFT against lorakern.peft.patch, on {device.type} ({where})"
+        + (f" x {world} processes (DDP)" if world > 1 else ""))
+    say(f"  model: Llama architecture from a config (random weights, no downloads), {p['layers']} layers, "
+        f"hidden {p['hidden']}, MLP {p['intermediate']}, {p['heads']}/{p['kv_heads']} heads, "
+        f"{'bf16 autocast, fp32 adapters' if dtype == torch.bfloat16 else 'fp32'}")
+    say(f"  data: {len(tokens) / 2**20:.1f} MB of {root}/*.py as bytes; batch {world * p['batch']} x {p['seq']} "
+        f"= {world * p['batch'] * p['seq']:,} tokens/step; the same batches in the same order for both runs")
+    say(f"  LoRA r={args.r} alpha={2 * args.r} dropout={args.dropout} on {', '.join(SEVEN)}; AdamW lr {args.lr}; "
+        f"{p['steps']} steps, the first {p['warmup']} untimed; seed {args.seed} for both; lorakern backend {backend}")
     runs = [train(name, patched, p, args, device, train_batches, eval_batches)
             for name, patched in (("stock PEFT", False), ("lorakern", True))]
-    stock, ours = runs
-    speedup = ours.tokens_per_s / stock.tokens_per_s
-    rows = [
-        ("tokens/s (timed steps)", f"{stock.tokens_per_s:,.0f}", f"{ours.tokens_per_s:,.0f}"),
-        ("median step", f"{1e3 * statistics.median(stock.step_s[stock.warmup:]):.1f} ms",
-         f"{1e3 * statistics.median(ours.step_s[ours.warmup:]):.1f} ms"),
-        ("saved activations / step", _mb(stock.saved_bytes), _mb(ours.saved_bytes)),
-        ("peak GPU memory", _mb(stock.peak_bytes), _mb(ours.peak_bytes)),
-        ("train loss (last 10 steps)", f"{stock.final_loss:.4f}", f"{ours.final_loss:.4f}"),
-        ("held-out loss", f"{stock.eval_loss:.4f}", f"{ours.eval_loss:.4f}"),
-    ]
-    print(f"\n{'':<28}{'stock PEFT':>14}{'lorakern':>14}")
-    for label, a, b in rows:
-        print(f"{label:<28}{a:>14}{b:>14}")
-    print(f"\nspeedup: {speedup:.2f}x tokens/s ({ours.fused_layers} layers fused, "
-          f"{ours.fallbacks} calls fell back to PEFT's forward)")
-    print("  (dropout masks come from different generators, so the two loss curves agree within noise, "
-          "not bit for bit)")
-    title = (f"PEFT LoRA r={args.r} on a {p['layers']}-layer Llama, {device.type} {str(dtype)[6:]}: "
-             f"lorakern {speedup:.2f}x tokens/s")
-    plot(runs, args.out, title)
-    print(f"plot: {os.path.abspath(args.out)}")
-    return 0
+    if rank == 0:
+        _report(runs, p, args, device, dtype, world)
