@@ -21,9 +21,9 @@ GPT-2's ``Conv1D`` base layers (``fan_in_fan_out``) are fused exactly, through a
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
-import types
 from typing import Any, Optional
 
 import torch
@@ -177,7 +177,7 @@ def _forward(self: PeftLoraLinear, x: torch.Tensor, *args: Any, **kwargs: Any) -
 
 def _is_patched(module: nn.Module) -> bool:
     f = module.__dict__.get("forward")
-    return isinstance(f, types.MethodType) and f.__func__ is _forward
+    return isinstance(f, functools.partial) and f.func is _forward
 
 
 def patch(model: nn.Module) -> int:
@@ -202,7 +202,7 @@ def patch(model: nn.Module) -> int:
                            name, type(m.base_layer).__name__)
             continue
         if not _is_patched(m):
-            m.forward = types.MethodType(_forward, m)
+            m.forward = functools.partial(_forward, m)  # unlike a bound method, it pickles and deep-copies
         count += 1
     return count
 

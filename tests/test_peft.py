@@ -6,6 +6,7 @@ Every comparison runs the same model twice, stock and patched (a deep copy), in 
 from __future__ import annotations
 
 import copy
+import io
 import logging
 
 import pytest
@@ -193,6 +194,11 @@ def test_state_dict_save_pretrained_from_pretrained(tmp_path, fused):
     ids = tokens(0)
     assert rel(logits(loaded, ids), logits(patched, ids)) <= 1e-6
     assert len(fused) == 2 * 7 * LAYERS
+    buf = io.BytesIO()
+    torch.save(patched, buf)  # the whole module, pickled: still patched once loaded
+    buf.seek(0)
+    assert rel(logits(torch.load(buf, weights_only=False), ids), logits(patched, ids)) <= 1e-6
+    assert len(fused) == 4 * 7 * LAYERS
 
 
 def test_merge_and_unload(fused, caplog):
