@@ -173,12 +173,12 @@ def test_all_features(env):
 @pytest.mark.parametrize("split", [1, 3])
 def test_split_passes(env, override, split):
     """Each pass whole or split with atomic adds: shrink over K slices, g-pass (dt) over N slices,
-    dA over row slices."""
+    dA over row slices; g^T t in the g-pass or (split) by the row-reduction kernel."""
     dev, dt = env
     override("fwd", FUSE_Q=False)
     override("dx", FUSE_DA=False)
     override("shrink", SPLIT_K=split)
-    override("gpass", SPLIT_N=split)
+    override("gpass", SPLIT_N=split, P_APART=split > 1)
     override("dA", SPLIT_M=split)
     t, kw = make(dev, dt, *shape(dev, (40, 34, 48, 5), (777, 520, 1500, 7)), rank_scale="shared", out_scale="shared")
     check(dt, t, kw)
@@ -207,10 +207,13 @@ def test_strided_views(env):
 
 @pytest.mark.parametrize("scales", ["none", "per", "shared"])
 @pytest.mark.parametrize("sort", [False, True])
-def test_banks(env, monkeypatch, scales, sort):
+def test_banks(env, monkeypatch, override, scales, sort):
+    """sort: rows sorted by adapter, dropout on, g^T t by the row-reduction kernel; else rows in
+    place (tiles with many adapters), no dropout, g^T t in the g-pass."""
     from lorakern.triton import grouping
     dev, dt = env
     monkeypatch.setattr(grouping, "SORT_MIN_ROWS", 0 if sort else 1 << 30)
+    override("gpass", P_APART=sort)
     s = None if scales == "none" else scales
     t, kw = make(dev, dt, *shape(dev, (40, 24, 20, 4), (1000, 520, 600, 16)), G=5,
                  rank_scale=s, out_scale=s, rank_mask=scales == "per")

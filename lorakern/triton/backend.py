@@ -145,6 +145,20 @@ def _per_adapter(per_g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return per_g.sum(0) if like.dim() == 1 else per_g
 
 
+def _row_reduce(X, rowv, out, ad: _Adapter, ptrs: dict, flags: dict, p: float, seed: int) -> None:
+    """``out[g] += (rowv * s * u / (1 - p))^T (X * keep)`` over each adapter's rows (dA_kernel):
+    dA from (x, dt); P^T = t^T g from (g, q) with p = 0. ``out`` is fp32 [G, Ra, X.shape[1]]."""
+    M, K = X.shape
+    cfg = configs.dA(M, K, ad.Ra, _sm_count(X.device), X.element_size())
+    rows_per = triton.cdiv(triton.cdiv(M, cfg["SPLIT_M"]), cfg["BM"]) * cfg["BM"]
+    sUg, sUr = _vec_strides(ad.u)
+    dA_kernel[(triton.cdiv(K, cfg["BK"]), triton.cdiv(M, rows_per))](
+        X, rowv, out, ptrs["RIDX"], ptrs["U"], ptrs["SG"], ptrs["IDX"], ptrs["PERM"],
+        M, K, ad.Ra, ad.G, ad.scaling, p, seed, rows_per,
+        X.stride(0), X.stride(1), sUg, sUr, rowv.stride(0),
+        BM=cfg["BM"], BK=cfg["BK"], RP=ad.RP, DROPOUT=p > 0, **flags, **_launch_opts(cfg))
+
+
 def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx, out_scale,
              dropout_p, seed, adapter_index, q, needs):
     """(dx, dweight, dbias, dA, dB, drank_scale, dout_scale); None where ``needs`` says so."""
@@ -164,24 +178,29 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, 
     sVg, sVn = _vec_strides(ad.v)
     f32 = torch.float32
     need_dt, need_P = n_x or n_A or n_u, n_B or n_v
+    cfg = configs.gpass(M, N, ad.Ra, _sm_count(dev), x.element_size())
+    p_apart = need_P and cfg["P_APART"]  # P^T = t^T g by the row-reduction kernel, not atomics here
     dt = P = db = None
-    if need_dt or need_P:
-        cfg = configs.gpass(M, N, ad.Ra, _sm_count(dev), x.element_size())
+    if need_dt or (need_P and not p_apart):
         n_per = triton.cdiv(triton.cdiv(N, cfg["SPLIT_N"]), cfg["BN"]) * cfg["BN"]
         split = triton.cdiv(N, n_per)
         if need_dt:
             dt = (torch.zeros if split > 1 else alloc.empty)((M, ad.Ra), dtype=f32, device=dev)
-        P = torch.zeros((ad.G, N, ad.Ra), dtype=f32, device=dev) if need_P else None
+        P = torch.zeros((ad.G, N, ad.Ra), dtype=f32, device=dev) if need_P and not p_apart else None
         db = torch.zeros(N, dtype=f32, device=dev) if n_b else None
         gpass_kernel[(triton.cdiv(M, cfg["BM"]), split)](
             g, lora_B, ptrs["V"], q, dt if dt is not None else q, P if P is not None else q,
             db if db is not None else q, ptrs["RIDX"], ptrs["U"], ptrs["SG"], ptrs["IDX"], ptrs["PERM"],
             M, N, ad.Ra, ad.G, ad.scaling, n_per,
             g.stride(0), g.stride(1), sBg, sBn, sBr, sUg, sUr, sVg, sVn, q.stride(0), ad.Ra,
-            BM=cfg["BM"], BN=cfg["BN"], RP=ad.RP, NEED_DT=need_dt, NEED_P=need_P, NEED_DB=n_b,
+            BM=cfg["BM"], BN=cfg["BN"], RP=ad.RP, NEED_DT=need_dt, NEED_P=P is not None, NEED_DB=n_b,
             ATOMIC_DT=split > 1, HAS_V=ad.v is not None, **flags, **_launch_opts(cfg))
     elif n_b:
         db = g.sum(0, dtype=f32)
+    if p_apart:
+        PT = torch.zeros((ad.G, ad.Ra, N), dtype=f32, device=dev)
+        _row_reduce(g, q, PT, ad, ptrs, flags, 0.0, 0)
+        P = PT.transpose(1, 2)
 
     dx = da_buf = None
     if n_A:
@@ -203,13 +222,7 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, 
     dA = None
     if n_A:
         if not fuse_da:
-            cfg = configs.dA(M, K, ad.Ra, _sm_count(dev), x.element_size())
-            rows_per = triton.cdiv(triton.cdiv(M, cfg["SPLIT_M"]), cfg["BM"]) * cfg["BM"]
-            dA_kernel[(triton.cdiv(K, cfg["BK"]), triton.cdiv(M, rows_per))](
-                x, dt, da_buf, ptrs["RIDX"], ptrs["U"], ptrs["SG"], ptrs["IDX"], ptrs["PERM"],
-                M, K, ad.Ra, ad.G, ad.scaling, p, seed, rows_per,
-                x.stride(0), x.stride(1), sUg, sUr, dt.stride(0),
-                BM=cfg["BM"], BK=cfg["BK"], RP=ad.RP, DROPOUT=p > 0, **flags, **_launch_opts(cfg))
+            _row_reduce(x, dt, da_buf, ad, ptrs, flags, p, seed)
         dA = _scatter_ranks(da_buf, lora_A, ad.ridx, lora_A.dim() - 2)
 
     dB = dv = None

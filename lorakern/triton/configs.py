@@ -59,14 +59,17 @@ def shrink(M: int, K: int, Ra: int, sms: int, esize: int) -> dict:
 
 
 def gpass(M: int, N: int, Ra: int, sms: int, esize: int) -> dict:
-    """The pass over g; SPLIT_N column slices so that the grid fills the GPU."""
+    """The pass over g; SPLIT_N column slices so that the grid fills the GPU. P_APART: g^T t by
+    the row-reduction kernel (a second read of g, Ra * N * SPLIT_M atomics) instead of atomics
+    here (Ra * N * M / BM of them)."""
     if interpreting():
-        cfg = dict(BM=16, BN=16, num_warps=4, num_stages=1, SPLIT_N=2)
+        cfg = dict(BM=16, BN=16, num_warps=4, num_stages=1, SPLIT_N=2, P_APART=False)
     else:
         bm = 128 if M > 1024 else 64 if M > 64 else 16
         cfg = dict(BM=bm, BN=128, num_warps=8 if bm == 128 else 4, num_stages=3)
         rows = -(-M // bm)
         cfg["SPLIT_N"] = max(1, min(-(-N // 512), -(-2 * sms // rows)))
+        cfg["P_APART"] = False
     return _with_override("gpass", cfg, "BN", esize)
 
 
