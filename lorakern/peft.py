@@ -144,8 +144,7 @@ def _fused(layer: PeftLoraLinear, x: torch.Tensor, args: tuple, kwargs: dict) ->
     A, B = torch.cat(As), torch.cat(Bs, dim=1)
     if len(set(scalings)) == 1:
         return lora_linear(x, weight, bias, A, B, scaling=scalings[0]), ""
-    ranks = torch.tensor([a.shape[0] for a in As], device=x.device)
-    u = torch.tensor(scalings, device=x.device, dtype=A.dtype).repeat_interleave(ranks)
+    u = torch.tensor([s for s, a in zip(scalings, As) for _ in range(a.shape[0])], device=x.device, dtype=A.dtype)
     return lora_linear(x, weight, bias, A, B, rank_scale=u), ""
 
 
