@@ -93,11 +93,11 @@ def correctness() -> bool:
     cases = [
         ("plain fused q, dA", dict(fuse=True)), ("plain separate passes", dict(fuse=False)),
         ("dropout 0.1", dict(p=0.1)), ("decode M=1 dropout", dict(M=1, p=0.1)),
-        ("scales+mask", dict(scales=True, mask=True)), ("strided", dict(strided=True, scales=True, p=0.2)),
-        ("bank", dict(G=5)), ("bank scales+mask+dropout", dict(G=5, scales=True, mask=True, p=0.1)),
+        ("strided scales+mask+drop", dict(strided=True, scales=True, mask=True, p=0.2)),
+        ("bank scales+mask+dropout", dict(G=5, scales=True, mask=True, p=0.1)),
         ("bank strided decode", dict(G=3, strided=True, M=16)), ("M=200 (q in the GEMM)", dict(M=200)),
     ]
-    half = ("plain separate passes", "dropout 0.1", "bank scales+mask+dropout")
+    half = ("plain separate passes", "bank scales+mask+dropout")  # fp16 / fp32: compile time is the limit
     ok = True
     print(f"{'case':28s} {'dtype':9s} {'worst rel err':>13s}  (tolerance: fp32 5e-4 / half 1e-2, grads 2x)")
     for dt in (torch.bfloat16, torch.float16, torch.float32):
@@ -392,7 +392,7 @@ def _record_call(dt, M, K, N, R, p, *, G=None, scales=False, mask=False, strided
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", action="store_true", help="time every candidate configuration (default: two "
-                    "per kernel family, until 270 s have passed)")
+                    "per kernel family, until 250 s have passed)")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness pass")
     ap.add_argument("--sweep-only", action="store_true", help="only the configuration sweep")
     ap.add_argument("--aot", type=int, metavar="ARCH", help="only compile every kernel variant for sm_ARCH "
@@ -413,7 +413,7 @@ def main() -> int:
             print(f"correctness: {'all ok' if ok else 'FAILURES'} ({time.time() - t0:.0f} s)")
         timings()
         print(f"({time.time() - t0:.0f} s)")
-    sweep(t0 + (1e9 if args.sweep or args.sweep_only else 270), full=args.sweep or args.sweep_only)
+    sweep(t0 + (1e9 if args.sweep or args.sweep_only else 250), full=args.sweep or args.sweep_only)
     print(f"total {time.time() - t0:.0f} s")
     return 0 if ok else 1
 
