@@ -35,12 +35,25 @@ def _build_module():
     return lorakern_build
 
 
-def _nvcc() -> Optional[str]:
-    from torch.utils.cpp_extension import CUDA_HOME
+def _cuda_home() -> Optional[str]:
+    """The CUDA toolkit to build with: CUDA_HOME / CUDA_PATH, else torch's guess, /usr/local/cuda or
+    the toolkit of the real nvcc on PATH, the first holding both bin/nvcc and include/cuda_runtime.h
+    (a wrapper script at /usr/local/bin/nvcc makes torch guess /usr/local, which has no headers)."""
+    from torch.utils import cpp_extension
 
-    if CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
-        return os.path.join(CUDA_HOME, "bin", "nvcc")
-    return shutil.which("nvcc")
+    nvcc = shutil.which("nvcc")
+    real = os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME,
+                 "/usr/local/cuda", real):
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")) and \
+                os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            return home
+    return None
+
+
+def _nvcc() -> Optional[str]:
+    home = _cuda_home()
+    return os.path.join(home, "bin", "nvcc") if home else None
 
 
 def _prebuilt() -> Optional[str]:
@@ -62,13 +75,16 @@ def _jit_archs(lb) -> str:
 
 def build(verbose: bool = False) -> str:
     """Compile and link the extension with ninja (no GPU needed) and return the library's path."""
+    from torch.utils import cpp_extension
     from torch.utils.cpp_extension import _get_build_directory, load
 
     lb = _build_module()
     if torch.version.cuda is None:
         raise RuntimeError("torch is a CPU-only build")
-    if _nvcc() is None:
-        raise RuntimeError("nvcc not found (set CUDA_HOME)")
+    home = _cuda_home()
+    if home is None:
+        raise RuntimeError("no CUDA toolkit with nvcc and headers found (set CUDA_HOME)")
+    cpp_extension.CUDA_HOME = home  # torch's builders read this module global
     arch = _jit_archs(lb)
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch
     tag = f"lorakern_cuda_t{torch.__version__.split('+')[0].replace('.', '_')}_cu{torch.version.cuda.replace('.', '')}" \
