@@ -29,7 +29,8 @@ _ROOT = Path(__file__).resolve().parent.parent
 
 
 def _build_module():
-    sys.path.insert(0, str(_ROOT)) if str(_ROOT) not in sys.path else None
+    if str(_ROOT) not in sys.path:  # lorakern_build.py sits beside the package in a checkout
+        sys.path.insert(0, str(_ROOT))
     import lorakern_build
 
     return lorakern_build
