@@ -369,4 +369,4 @@ def lora_linear(
         adapter_index = adapter_index.to(torch.int64)
     y, _ = _fwd(x2, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx, out_scale,
                 dropout_p, seed_t, adapter_index, name)
-    return y.reshape(*lead, N)
+    return y if x.dim() == 2 else y.reshape(*lead, N)
