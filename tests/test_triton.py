@@ -155,14 +155,17 @@ def test_plain(env, override, fuse, p):
 
 
 @pytest.mark.parametrize("M", [1, 16, 17])
-def test_small_m(env, M):
+def test_small_m(env, override, M):
+    """Also the one-adapter backward with dt and g^T t as torch products (CUBLAS)."""
     dev, dt = env
+    override("gpass", CUBLAS=True)
     t, kw = make(dev, dt, M, *shape(dev, (24, 19, 4), (4096, 1031, 16)))
     check(dt, t, kw, dropout_p=0.2)
 
 
-def test_all_features(env):
+def test_all_features(env, override):
     dev, dt = env
+    override("gpass", CUBLAS=True)
     t, kw = make(dev, dt, *shape(dev, (29, 33, 31, 8), (515, 763, 1030, 16)),
                  rank_scale="shared", out_scale="shared", rank_mask=True)
     out = check(dt, t, kw, dropout_p=0.1)
@@ -178,7 +181,7 @@ def test_split_passes(env, override, split):
     override("fwd", FUSE_Q=False)
     override("dx", FUSE_DA=False)
     override("shrink", SPLIT_K=split)
-    override("gpass", SPLIT_N=split, P_APART=split > 1)
+    override("gpass", SPLIT_N=split, P_APART=split > 1, CUBLAS=False)
     override("dA", SPLIT_M=split)
     t, kw = make(dev, dt, *shape(dev, (40, 34, 48, 5), (777, 520, 1500, 7)), rank_scale="shared", out_scale="shared")
     check(dt, t, kw)

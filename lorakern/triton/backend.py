@@ -87,8 +87,12 @@ class _Adapter:
                     BANKED=self.banked, HAS_PERM=self.perm is not None)
 
 
-def _launch_opts(cfg: dict) -> dict:
-    return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+def _launch_opts(cfg: dict, dtype: torch.dtype) -> dict:
+    """Launch options; fp32 dots run as 3xTF32 (about fp32 accuracy: plain TF32 misses 5e-4)."""
+    opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if dtype == torch.float32 and not configs.interpreting():
+        opts["default_dot_input_precision"] = "tf32x3"
+    return opts
 
 
 def forward(x, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx, out_scale,
@@ -117,7 +121,7 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, ran
             M, K, ad.Ra, ad.G, p, 1.0 / (1.0 - p), seed, k_per,
             x.stride(0), x.stride(1), sAg, sAr, sAk, q.stride(0),
             BM=sc["BM"], BK=sc["BK"], RP=ad.RP, ATOMIC=split > 1, DROPOUT=p > 0, HAS_RIDX=flags["HAS_RIDX"],
-            BANKED=ad.banked, HAS_PERM=flags["HAS_PERM"], **_launch_opts(sc))
+            BANKED=ad.banked, HAS_PERM=flags["HAS_PERM"], **_launch_opts(sc, x.dtype))
     sUg, sUr = _vec_strides(ad.u)
     sVg, sVn = _vec_strides(ad.v)
     grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]),)
@@ -128,7 +132,7 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, ran
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), bias.stride(0) if bias is not None else 0,
         sAg, sAr, sAk, sBg, sBn, sBr, sUg, sUr, sVg, sVn, q.stride(0), y.stride(0), y.stride(1),
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], RP=ad.RP, GROUP_M=cfg["GROUP_M"], FUSE_Q=cfg["FUSE_Q"],
-        DROPOUT=p > 0, HAS_BIAS=bias is not None, HAS_V=ad.v is not None, **flags, **_launch_opts(cfg))
+        DROPOUT=p > 0, HAS_BIAS=bias is not None, HAS_V=ad.v is not None, **flags, **_launch_opts(cfg, x.dtype))
     return y, q
 
 
@@ -145,6 +149,23 @@ def _per_adapter(per_g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return per_g.sum(0) if like.dim() == 1 else per_g
 
 
+def _dt_P_by_mm(g, q, ad: _Adapter, need_dt: bool, need_P: bool):
+    """One adapter: dt = g (v*B) [M, Ra] and P = g^T t [1, N, Ra] as two skinny cuBLAS products
+    (each reads g once at about full bandwidth), fp32."""
+    B = ad.B if ad.ridx is None else ad.B.index_select(1, ad.ridx)
+    dt = P = None
+    if need_dt:
+        vB = B if ad.v is None else B * ad.v[:, None]
+        dt = torch.mm(g, vB.to(g.dtype)).float()
+    if need_P:
+        f = ad.u.float() if ad.u is not None else None
+        if f is not None and ad.ridx is not None:
+            f = f.index_select(0, ad.ridx)
+        t = q * ad.scaling if f is None else q * (f * ad.scaling)
+        P = torch.mm(g.t(), t.to(g.dtype)).float().unsqueeze(0)
+    return dt, P
+
+
 def _row_reduce(X, rowv, out, ad: _Adapter, ptrs: dict, flags: dict, p: float, seed: int) -> None:
     """``out[g] += (rowv * s * u / (1 - p))^T (X * keep)`` over each adapter's rows (dA_kernel):
     dA from (x, dt); P^T = t^T g from (g, q) with p = 0. ``out`` is fp32 [G, Ra, X.shape[1]]."""
@@ -156,7 +177,7 @@ def _row_reduce(X, rowv, out, ad: _Adapter, ptrs: dict, flags: dict, p: float, s
         X, rowv, out, ptrs["RIDX"], ptrs["U"], ptrs["SG"], ptrs["IDX"], ptrs["PERM"],
         M, K, ad.Ra, ad.G, ad.scaling, p, seed, rows_per,
         X.stride(0), X.stride(1), sUg, sUr, rowv.stride(0),
-        BM=cfg["BM"], BK=cfg["BK"], RP=ad.RP, DROPOUT=p > 0, **flags, **_launch_opts(cfg))
+        BM=cfg["BM"], BK=cfg["BK"], RP=ad.RP, DROPOUT=p > 0, **flags, **_launch_opts(cfg, X.dtype))
 
 
 def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx, out_scale,
@@ -181,7 +202,10 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, 
     cfg = configs.gpass(M, N, ad.Ra, _sm_count(dev), x.element_size())
     p_apart = need_P and cfg["P_APART"]  # P^T = t^T g by the row-reduction kernel, not atomics here
     dt = P = db = None
-    if need_dt or (need_P and not p_apart):
+    if cfg["CUBLAS"] and not ad.banked and (need_dt or need_P):
+        dt, P = _dt_P_by_mm(g, q, ad, need_dt, need_P)
+        db = g.sum(0, dtype=f32) if n_b else None
+    elif need_dt or (need_P and not p_apart):
         n_per = triton.cdiv(triton.cdiv(N, cfg["SPLIT_N"]), cfg["BN"]) * cfg["BN"]
         split = triton.cdiv(N, n_per)
         if need_dt:
@@ -194,7 +218,7 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, 
             M, N, ad.Ra, ad.G, ad.scaling, n_per,
             g.stride(0), g.stride(1), sBg, sBn, sBr, sUg, sUr, sVg, sVn, q.stride(0), ad.Ra,
             BM=cfg["BM"], BN=cfg["BN"], RP=ad.RP, NEED_DT=need_dt, NEED_P=P is not None, NEED_DB=n_b,
-            ATOMIC_DT=split > 1, HAS_V=ad.v is not None, **flags, **_launch_opts(cfg))
+            ATOMIC_DT=split > 1, HAS_V=ad.v is not None, **flags, **_launch_opts(cfg, x.dtype))
     elif n_b:
         db = g.sum(0, dtype=f32)
     if p_apart:
@@ -217,7 +241,7 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, 
             g.stride(0), g.stride(1), weight.stride(0), weight.stride(1), sAg, sAr, sAk, sUg, sUr,
             dt.stride(0), dx.stride(0), dx.stride(1), x.stride(0), x.stride(1),
             BM=cfg["BM"], BK=cfg["BK"], BN=cfg["BN"], RP=ad.RP, GROUP_M=cfg["GROUP_M"], FUSE_DA=fuse_da,
-            DROPOUT=p > 0, **flags, **_launch_opts(cfg))
+            DROPOUT=p > 0, **flags, **_launch_opts(cfg, x.dtype))
 
     dA = None
     if n_A:

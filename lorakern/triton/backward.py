@@ -104,7 +104,8 @@ def dx_kernel(
 ):
     # Program: one [BM, BK] tile of dx = g W, the inner loop over N in BN steps; then the
     # adapter part (dq A) [BM, BK] per adapter in the tile, times keep / (1 - p) (the 1 / (1 - p)
-    # is in dq), added in the epilogue. Registers: two fp32 [BM, BK] accumulators, one g tile
+    # is in dq), added in the epilogue. Registers: the fp32 accumulator [BM, BK] (and a second
+    # one for the adapter part with dropout, so configurations halve BK then), one g tile
     # [BM, BN], one W tile [BN, BK], then dq [BM, RP] and one A tile [RP, BK]. With FUSE_DA the
     # epilogue also reads the x tile [BM, BK] and adds dq^T x~ [RP, BK] to dA (fp32, atomic),
     # so the keep-mask is generated once for dx and dA.
@@ -136,14 +137,16 @@ def dx_kernel(
     dtype = GY.dtype.element_ty
     a_ptrs = A + ranks[:, None] * sAr + rk64[None, :] * sAk
     amask = rmask[:, None] & kmask[None, :]
-    if DROPOUT:
+    if DROPOUT:  # the adapter part needs its own accumulator for the mask
         keep = keep_tile(seed, rows, rk, K, p)
+        part = tl.zeros((BM, BK), tl.float32)
+    else:  # no mask: it rides the main accumulator (a second [BM, BK] fp32 tile would spill)
+        part = acc
     if FUSE_DA:
         x = tl.load(X + rows[:, None] * sxm + rk64[None, :] * sxk, mask=mmask[:, None] & kmask[None, :], other=0.0)
         if DROPOUT:
             x = tl.where(keep, x, 0.0).to(dtype)
         da_ptrs = DA + rr[:, None].to(tl.int64) * K + rk64[None, :]
-    part = tl.zeros((BM, BK), tl.float32)
     g = next_adapter(ad, -1, G)
     while g < G:
         g64 = g.to(tl.int64)
@@ -153,8 +156,9 @@ def dx_kernel(
             tl.atomic_add(da_ptrs + g64 * Ra * K, tl.dot(tl.trans(dqg), x), mask=amask)
         g = next_adapter(ad, g, G)
     if DROPOUT:
-        part = tl.where(keep, part, 0.0)
-    acc += part
+        acc += tl.where(keep, part, 0.0)
+    else:
+        acc = part
     tl.store(DX + rows[:, None] * sdxm + rk64[None, :] * sdxk, acc.to(DX.dtype.element_ty),
              mask=mmask[:, None] & kmask[None, :])
 

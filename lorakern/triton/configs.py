@@ -34,9 +34,9 @@ def fwd(M: int, N: int, K: int, Ra: int, banked: bool, dropout: bool, esize: int
     elif M <= 256:
         cfg = dict(BM=128, BN=32, BK=128, GROUP_M=8, num_warps=4, num_stages=4, FUSE_Q=not dropout)
     elif M <= 1024:
-        cfg = dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, FUSE_Q=False)
-    else:
-        cfg = dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, FUSE_Q=False)
+        cfg = dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, FUSE_Q=not dropout)
+    else:  # q inside the GEMM (an N=16 MMA beside each N=256 one) beats a separate pass over x
+        cfg = dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, FUSE_Q=not dropout)
     cfg = _with_override("fwd", cfg, "BK", esize)
     if banked:
         cfg["FUSE_Q"] = False
@@ -61,15 +61,17 @@ def shrink(M: int, K: int, Ra: int, sms: int, esize: int) -> dict:
 def gpass(M: int, N: int, Ra: int, sms: int, esize: int) -> dict:
     """The pass over g; SPLIT_N column slices so that the grid fills the GPU. P_APART: g^T t by
     the row-reduction kernel (a second read of g, Ra * N * SPLIT_M atomics) instead of atomics
-    here (Ra * N * M / BM of them)."""
+    here (Ra * N * M / BM of them). CUBLAS (one adapter only): dt and g^T t as two skinny torch
+    products instead (measured on an H100: the g-pass's dt part ran ~200 us at M = 8192)."""
     if interpreting():
-        cfg = dict(BM=16, BN=16, num_warps=4, num_stages=1, SPLIT_N=2, P_APART=False)
+        cfg = dict(BM=16, BN=16, num_warps=4, num_stages=1, SPLIT_N=2, P_APART=False, CUBLAS=False)
     else:
         bm = 128 if M > 1024 else 64 if M > 64 else 16
         cfg = dict(BM=bm, BN=128, num_warps=8 if bm == 128 else 4, num_stages=3)
         rows = -(-M // bm)
         cfg["SPLIT_N"] = max(1, min(-(-N // 512), -(-2 * sms // rows)))
         cfg["P_APART"] = False
+        cfg["CUBLAS"] = True
     return _with_override("gpass", cfg, "BN", esize)
 
 
@@ -82,6 +84,8 @@ def dx(M: int, N: int, K: int, Ra: int, dropout: bool, esize: int) -> dict:
     elif M <= 256:
         cfg = dict(BM=128, BK=32, BN=128, GROUP_M=8, num_warps=4, num_stages=4)
     elif M <= 1024:
+        cfg = dict(BM=128, BK=128, BN=64, GROUP_M=8, num_warps=8, num_stages=4)
+    elif dropout:  # two [BM, BK] accumulators (dx, and the masked adapter part)
         cfg = dict(BM=128, BK=128, BN=64, GROUP_M=8, num_warps=8, num_stages=4)
     else:
         cfg = dict(BM=128, BK=256, BN=64, GROUP_M=8, num_warps=8, num_stages=3)
