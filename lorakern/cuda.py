@@ -114,8 +114,11 @@ def _load() -> tuple[bool, str]:
     return True, ""
 
 
+@functools.lru_cache(maxsize=None)
 def available() -> tuple[bool, str]:
-    """``(True, "")`` when the extension runs here, else ``(False, "unavailable: <reason>")``."""
+    """``(True, "")`` when the extension runs here, else ``(False, "unavailable: <reason>")``.
+
+    Cached: the op asks on every call, and the toolkit search costs about 0.2 ms."""
     if torch.version.cuda is None:
         return False, "unavailable: torch is a CPU-only build"
     if _prebuilt() is None and _nvcc() is None:

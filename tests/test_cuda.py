@@ -37,6 +37,7 @@ def ops():
         pytest.skip("nvcc or a CUDA build of torch is missing: the extension cannot be built here")
     cuda.build()
     cuda._load.cache_clear()
+    cuda.available.cache_clear()
     ok, why = cuda._load()
     assert ok, why
     return torch.ops.lorakern_cuda
