@@ -225,11 +225,10 @@ def sweep(deadline: float, full: bool, M=8192, K=4096, N=4096, R=16):
                 dict(BM=128, BK=256, BN=64, GROUP_M=8, num_warps=8, num_stages=3, FUSE_DA=True),
                 dict(BM=128, BK=128, BN=64, GROUP_M=8, num_warps=8, num_stages=4, FUSE_DA=False),
                 dict(BM=256, BK=128, BN=64, GROUP_M=8, num_warps=8, num_stages=3, FUSE_DA=False)]
-    gpass_cands = [dict(BM=128, BN=128, num_warps=8, num_stages=3), dict(BM=128, BN=128, num_warps=8, num_stages=3,
-                                                                         P_APART=True),
-                   dict(BM=64, BN=128, num_warps=4, num_stages=3),
-                   dict(BM=128, BN=64, num_warps=4, num_stages=4), dict(BM=128, BN=128, num_warps=8, num_stages=3,
-                                                                           SPLIT_N=1)]
+    gpass_cands = [dict(CUBLAS=True), dict(BM=128, BN=128, num_warps=8, num_stages=3, CUBLAS=False),
+                   dict(BM=128, BN=128, num_warps=8, num_stages=3, P_APART=True, CUBLAS=False),
+                   dict(BM=64, BN=128, num_warps=4, num_stages=3, CUBLAS=False),
+                   dict(BM=128, BN=64, num_warps=4, num_stages=4, CUBLAS=False)]
     dA_cands = [dict(BM=64, BK=128, num_warps=4, num_stages=3), dict(BM=128, BK=64, num_warps=4, num_stages=3),
                 dict(BM=64, BK=64, num_warps=4, num_stages=4)]
     shrink_cands = [dict(BM=64, BK=128, num_warps=4, num_stages=4), dict(BM=128, BK=64, num_warps=4, num_stages=4),
