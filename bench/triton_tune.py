@@ -250,8 +250,9 @@ def sweep(deadline: float, full: bool, M=8192, K=4096, N=4096, R=16):
     for p in (0.0, 0.1):
         fwd = lambda: lorakern.triton.forward(x, W, None, A, B, 2.0, None, None, None, None, p, 5, None)  # noqa: E731
         _, q = fwd()
-        bwd = lambda n: (lambda: lorakern.triton.backward(g, x, W, A, B, 2.0, None, None, None, None, p, 5, None, q,  # noqa: E731
-                                                          needs[n]))
+
+        def bwd(n, p=p, q=q):
+            return lambda: lorakern.triton.backward(g, x, W, A, B, 2.0, None, None, None, None, p, 5, None, q, needs[n])
         rows = [("forward", fwd, tb)] + [(n, bwd(n), tdx) for n in needs]
         for name, fn, ref in rows:
             if time.time() > deadline:
@@ -348,7 +349,8 @@ def aot(arch: int = 90, dtypes=(torch.bfloat16, torch.float16, torch.float32)) -
             flags = " ".join(f"{k}={v}" for k, v in sorted(cst.items()) if not isinstance(v, int) or isinstance(v, bool)
                              or k in ("BM", "BN", "BK", "RP"))
             dts = sorted({v[1:] for v in sig.values() if v.startswith("*") and "f" in v})
-            print(f"{self.fn.__name__:16s} {'/'.join(dts):9s} w{num_warps} s{num_stages} {flags}: {seen[key]}", flush=True)
+            print(f"{self.fn.__name__:16s} {'/'.join(dts):9s} w{num_warps} s{num_stages} {flags}: {seen[key]}",
+                  flush=True)
 
     saved = {n: getattr(backend, n) for n in ("lora_fwd_kernel", "shrink_kernel", "gpass_kernel", "dx_kernel",
                                                "dA_kernel")}
@@ -388,7 +390,8 @@ def _record_call(dt, M, K, N, R, p, *, G=None, scales=False, mask=False, strided
     _, q = lorakern.triton.forward(*args)
     x_, w_, _b, A_, B_, *rest = args
     every = (True, False, True, True, True, scales, scales)
-    for needs in (every, (True,) + (False,) * 6, (False,) * 3 + (True,) + (False,) * 3, (False,) * 4 + (True,) + (False,) * 2):
+    only = lambda i: tuple(j == i for j in range(7))  # noqa: E731
+    for needs in (every, only(0), only(3), only(4)):
         lorakern.triton.backward(e(M, N), x_, w_, A_, B_, *rest, q, needs)
 
 
