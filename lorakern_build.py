@@ -45,11 +45,17 @@ def cflags() -> dict[str, list[str]]:
     }
 
 
+def ldflags() -> list[str]:
+    """Export nothing from the library (csrc/exports.map): it is loaded RTLD_GLOBAL beside torch."""
+    return [f"-Wl,--version-script={CSRC / 'exports.map'}"]
+
+
 def cuda_extension():
     """``(ext_modules, cmdclass)`` for setuptools: the CUDAExtension and torch's BuildExtension."""
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs()
     rel = [os.path.relpath(s, ROOT) for s in sources()]
-    ext = CUDAExtension(EXT_NAME, rel, include_dirs=include_dirs(), extra_compile_args=cflags())
+    ext = CUDAExtension(EXT_NAME, rel, include_dirs=include_dirs(), extra_compile_args=cflags(),
+                        extra_link_args=ldflags())
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

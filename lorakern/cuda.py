@@ -93,7 +93,8 @@ def build(verbose: bool = False) -> str:
     folder = _get_build_directory(tag, verbose)
     cf = lb.cflags()
     path = load(name=tag, sources=lb.sources(), extra_include_paths=lb.include_dirs(), extra_cflags=cf["cxx"],
-                extra_cuda_cflags=cf["nvcc"], build_directory=folder, is_python_module=False, verbose=verbose)
+                extra_cuda_cflags=cf["nvcc"], extra_ldflags=lb.ldflags(), build_directory=folder,
+                is_python_module=False, verbose=verbose)
     return path if isinstance(path, str) else os.path.join(folder, f"{tag}.so")
 
 
