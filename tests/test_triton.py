@@ -282,7 +282,8 @@ def test_needs_frozen(env):
         with poisoned():
             one = bw(needs)
         assert all(o is None for j, o in enumerate(one) if j != i)
-        assert torch.equal(one[i], full[i]) or rel_err(one[i], full[i].double()) < 1e-6, i
+        # atomic adds may land in another order: equal up to a last-bit flip of the outputs' dtype
+        assert rel_err(one[i], full[i].double()) < (1e-5 if dt == torch.float32 else 2e-3), i
 
 
 # --------------------------------------------------------------------------- dropout mask
