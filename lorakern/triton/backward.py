@@ -16,7 +16,8 @@ from lorakern.triton.grouping import next_adapter, row_factor, tile_adapters, ti
 
 @triton.jit
 def _gpass_adapter(gt, t, dt, sel, g64, b_ptrs, p_ptrs, V, rn64, nmask, rmask, N, Ra, sBg, sVg, sVn,
-                   NEED_DT: tl.constexpr, NEED_P: tl.constexpr, HAS_V: tl.constexpr, BANKED: tl.constexpr):
+                   NEED_DT: tl.constexpr, NEED_P: tl.constexpr, HAS_V: tl.constexpr, BANKED: tl.constexpr,
+                   DOT_PREC: tl.constexpr):
     """One adapter's share of a g tile: dt += g (v*B) over its rows; P[g] += g^T t (atomic)."""
     dtype = gt.dtype
     if BANKED:
@@ -26,9 +27,9 @@ def _gpass_adapter(gt, t, dt, sel, g64, b_ptrs, p_ptrs, V, rn64, nmask, rmask, N
         if HAS_V:
             v = tl.load(V + g64 * sVg + rn64 * sVn, mask=nmask, other=0.0)
             vb = vb.to(tl.float32) * v.to(tl.float32)[:, None]
-        dt = tl.dot(gt, vb.to(dtype), dt)
+        dt = tl.dot(gt, vb.to(dtype), dt, input_precision=DOT_PREC)
     if NEED_P:
-        pt = tl.dot(tl.trans(gt), t.to(dtype))
+        pt = tl.dot(tl.trans(gt), t.to(dtype), input_precision=DOT_PREC)
         tl.atomic_add(p_ptrs + g64 * N * Ra, pt, mask=nmask[:, None] & rmask[None, :])
     return dt
 
@@ -41,7 +42,7 @@ def gpass_kernel(
     BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr,
     NEED_DT: tl.constexpr, NEED_P: tl.constexpr, NEED_DB: tl.constexpr, ATOMIC_DT: tl.constexpr,
     HAS_RIDX: tl.constexpr, HAS_U: tl.constexpr, HAS_V: tl.constexpr, HAS_SG: tl.constexpr,
-    BANKED: tl.constexpr, HAS_PERM: tl.constexpr,
+    BANKED: tl.constexpr, HAS_PERM: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # Program: BM rows x one slice of n_per_split columns of g, walked in BN steps; g is read
     # once over the grid. Registers: dt [BM, RP] fp32 (summed over the slice, then stored, or
@@ -80,11 +81,11 @@ def gpass_kernel(
             g = first
             while g < G:
                 dt = _gpass_adapter(gt, t, dt, ad == g, g.to(tl.int64), b_ptrs, p_ptrs, V, rn64, nmask, rmask,
-                                    N, Ra, sBg, sVg, sVn, NEED_DT, NEED_P, HAS_V, True)
+                                    N, Ra, sBg, sVg, sVn, NEED_DT, NEED_P, HAS_V, True, DOT_PREC)
                 g = next_adapter(ad, g, G)
         else:
             dt = _gpass_adapter(gt, t, dt, mmask, 0, b_ptrs, p_ptrs, V, rn64, nmask, rmask,
-                                N, Ra, sBg, sVg, sVn, NEED_DT, NEED_P, HAS_V, False)
+                                N, Ra, sBg, sVg, sVn, NEED_DT, NEED_P, HAS_V, False, DOT_PREC)
     if NEED_DT:
         dt_ptrs = DT + rows[:, None] * sdtm + rr[None, :]
         if ATOMIC_DT:
@@ -100,7 +101,7 @@ def dx_kernel(
     sgm, sgn, swn, swk, sAg, sAr, sAk, sUg, sUr, sdtm, sdxm, sdxk, sxm, sxk,
     BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr, GROUP_M: tl.constexpr,
     FUSE_DA: tl.constexpr, DROPOUT: tl.constexpr, HAS_RIDX: tl.constexpr, HAS_U: tl.constexpr,
-    HAS_SG: tl.constexpr, BANKED: tl.constexpr, HAS_PERM: tl.constexpr,
+    HAS_SG: tl.constexpr, BANKED: tl.constexpr, HAS_PERM: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # Program: one [BM, BK] tile of dx = g W, the inner loop over N in BN steps; then the
     # adapter part (dq A) [BM, BK] per adapter in the tile, times keep / (1 - p) (the 1 / (1 - p)
@@ -124,7 +125,7 @@ def dx_kernel(
         nmask = rn + n0 < N
         gt = tl.load(g_ptrs, mask=mmask[:, None] & nmask[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=nmask[:, None] & kmask[None, :], other=0.0)
-        acc = tl.dot(gt, w, acc)
+        acc = tl.dot(gt, w, acc, input_precision=DOT_PREC)
         g_ptrs += BN * sgn
         w_ptrs += BN * swn
     ranks = tile_ranks(RIDX, rr, Ra, HAS_RIDX)
@@ -151,9 +152,9 @@ def dx_kernel(
     while g < G:
         g64 = g.to(tl.int64)
         dqg = tl.where((ad == g)[:, None], dq, 0.0).to(dtype)
-        part = tl.dot(dqg, tl.load(a_ptrs + g64 * sAg, mask=amask, other=0.0), part)
+        part = tl.dot(dqg, tl.load(a_ptrs + g64 * sAg, mask=amask, other=0.0), part, input_precision=DOT_PREC)
         if FUSE_DA:
-            tl.atomic_add(da_ptrs + g64 * Ra * K, tl.dot(tl.trans(dqg), x), mask=amask)
+            tl.atomic_add(da_ptrs + g64 * Ra * K, tl.dot(tl.trans(dqg), x, input_precision=DOT_PREC), mask=amask)
         g = next_adapter(ad, g, G)
     if DROPOUT:
         acc += tl.where(keep, part, 0.0)
@@ -170,7 +171,7 @@ def dA_kernel(
     sxm, sxk, sUg, sUr, sdtm,
     BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr,
     DROPOUT: tl.constexpr, HAS_RIDX: tl.constexpr, HAS_U: tl.constexpr, HAS_SG: tl.constexpr,
-    BANKED: tl.constexpr, HAS_PERM: tl.constexpr,
+    BANKED: tl.constexpr, HAS_PERM: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # Program: one [RP, BK] column tile of dA (fp32 [G, Ra, K]) over one slice of rows_per_split
     # rows (visiting order), walked in BM steps. Registers: the fp32 accumulator [RP, BK] of the
@@ -210,8 +211,8 @@ def dA_kernel(
                 tl.atomic_add(da_ptrs + cur.to(tl.int64) * Ra * K, acc, mask=da_mask & flush)
                 acc = tl.where(g != cur, 0.0, acc)
                 cur = g
-                acc = tl.dot(tl.trans(tl.where((ad == g)[:, None], dq, 0.0).to(dtype)), x, acc)
+                acc = tl.dot(tl.trans(tl.where((ad == g)[:, None], dq, 0.0).to(dtype)), x, acc, input_precision=DOT_PREC)
                 g = next_adapter(ad, g, G)
         else:
-            acc = tl.dot(tl.trans(dq.to(dtype)), x, acc)
+            acc = tl.dot(tl.trans(dq.to(dtype)), x, acc, input_precision=DOT_PREC)
     tl.atomic_add(da_ptrs + tl.maximum(cur, 0).to(tl.int64) * Ra * K, acc, mask=da_mask & (cur >= 0))

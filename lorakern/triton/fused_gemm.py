@@ -32,7 +32,7 @@ def lora_fwd_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, GROUP_M: tl.constexpr,
     FUSE_Q: tl.constexpr, DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RIDX: tl.constexpr,
     HAS_U: tl.constexpr, HAS_V: tl.constexpr, HAS_SG: tl.constexpr, BANKED: tl.constexpr,
-    HAS_PERM: tl.constexpr,
+    HAS_PERM: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # Program: one [BM, BN] tile of y. Registers: the fp32 accumulator [BM, BN] (plus the fp32
     # q accumulator [BM, RP] with FUSE_Q), one x tile [BM, BK], one W tile [BK, BN] and one A
@@ -55,12 +55,12 @@ def lora_fwd_kernel(
         kmask = rk + k0 < K
         x = tl.load(x_ptrs, mask=mmask[:, None] & kmask[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
-        acc = tl.dot(x, w, acc)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PREC)
         if FUSE_Q:
             a = tl.load(a_ptrs, mask=kmask[:, None] & rmask[None, :], other=0.0)
             if DROPOUT:
                 x = tl.where(keep_tile(seed, rows, rk + k0, K, p), x, 0.0).to(X.dtype.element_ty)
-            qacc = tl.dot(x, a, qacc)
+            qacc = tl.dot(x, a, qacc, input_precision=DOT_PREC)
             a_ptrs += BK * sAk
         x_ptrs += BK * sxk
         w_ptrs += BK * swk
@@ -86,14 +86,14 @@ def lora_fwd_kernel(
                 v = tl.load(V + g64 * sVg + rn64 * sVn, mask=nmask, other=0.0)
                 b = b.to(tl.float32) * v.to(tl.float32)[None, :]
             tg = t * (ad == g).to(tl.float32)[:, None]
-            acc = tl.dot(tg.to(X.dtype.element_ty), b.to(X.dtype.element_ty), acc)
+            acc = tl.dot(tg.to(X.dtype.element_ty), b.to(X.dtype.element_ty), acc, input_precision=DOT_PREC)
             g = next_adapter(ad, g, G)
     else:
         b = tl.load(b_ptrs, mask=bmask, other=0.0)
         if HAS_V:
             v = tl.load(V + rn64 * sVn, mask=nmask, other=0.0)
             b = b.to(tl.float32) * v.to(tl.float32)[None, :]
-        acc = tl.dot(t.to(X.dtype.element_ty), b.to(X.dtype.element_ty), acc)
+        acc = tl.dot(t.to(X.dtype.element_ty), b.to(X.dtype.element_ty), acc, input_precision=DOT_PREC)
     if HAS_BIAS:
         acc += tl.load(BIAS + rn64 * sbias, mask=nmask, other=0.0).to(tl.float32)[None, :]
     y_ptrs = Y + rows[:, None] * sym + rn64[None, :] * syn

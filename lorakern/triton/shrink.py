@@ -19,6 +19,7 @@ def shrink_kernel(
     sxm, sxk, sAg, sAr, sAk, sqm,
     BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, ATOMIC: tl.constexpr,
     DROPOUT: tl.constexpr, HAS_RIDX: tl.constexpr, BANKED: tl.constexpr, HAS_PERM: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     # Program: BM rows (in visiting order) x all RP compacted ranks over one slice of
     # k_per_split columns, walked in BK steps; with several slices (ATOMIC) q is zeroed first
@@ -51,11 +52,11 @@ def shrink_kernel(
             g = first
             while g < G:
                 a = tl.load(a_ptrs + g.to(tl.int64) * sAg, mask=amask, other=0.0)
-                acc = tl.dot(tl.where((ad == g)[:, None], x, 0.0).to(X.dtype.element_ty), a, acc)
+                acc = tl.dot(tl.where((ad == g)[:, None], x, 0.0).to(X.dtype.element_ty), a, acc, input_precision=DOT_PREC)
                 g = next_adapter(ad, g, G)
         else:
             a = tl.load(a_ptrs, mask=amask, other=0.0)
-            acc = tl.dot(x, a, acc)
+            acc = tl.dot(x, a, acc, input_precision=DOT_PREC)
         x_ptrs += BK * sxk
         a_ptrs += BK * sAk
     if DROPOUT:
