@@ -70,14 +70,14 @@ __global__ void expand_add_kernel(T* __restrict__ out, int64_t som, int64_t soc,
 }
 
 // decode: y[m, n] = x[m,:] . W[n,:] + bias[n] + cs[g,n] * sum_r T[m,r] fac[g,r] B3[g, n, idx[r]],
-// the whole layer in one launch for M <= DECODE_MAX_M rows (W is read once from DRAM).
+// the whole layer in one launch for a few rows (W is read once from DRAM).
 // Tiling: one warp per NW consecutive columns (rows of W), rows in chunks of MC; lanes stride
 // over k with VEC-element (16-byte when contiguous and aligned) loads. Registers: MC x NW fp32
 // accumulators, the VEC-wide slices of x and W. Warp-shuffle reduction, then lane (i, j) adds
 // bias and the rank-Ra adapter term for row m0+i, column n0+j and writes y once.
 constexpr int MC = 4;
-constexpr int NW = 4;
-constexpr int DEC_WARPS = 4;
+constexpr int NW = 2;
+constexpr int DEC_WARPS = 8;
 
 template <typename T, int VEC>
 __global__ void decode_kernel(const T* __restrict__ x, int64_t sxm, int64_t sxk, const T* __restrict__ W,

@@ -17,7 +17,7 @@ void rowdot(const at::Tensor& X, const at::Tensor& A3, const at::Tensor& cs, con
 void expand_add(at::Tensor& out, const at::Tensor& T, const at::Tensor& fac, const at::Tensor& B3,
                 const at::Tensor& cs, const at::Tensor& idx, const at::Tensor& ai, double p, int64_t seed);
 
-// y[m, n] = sum_k x[m,k] W[n,k] + bias[n] + cs[g,n] sum_r T[m,r] fac[g,r] B3[g, n, idx[r]], M <= 64.
+// y[m, n] = sum_k x[m,k] W[n,k] + bias[n] + cs[g,n] sum_r T[m,r] fac[g,r] B3[g, n, idx[r]], small M (the op uses it for M <= 4).
 void decode(const at::Tensor& x, const at::Tensor& W, const at::Tensor& bias, const at::Tensor& T,
             const at::Tensor& fac, const at::Tensor& B3, const at::Tensor& cs, const at::Tensor& idx,
             const at::Tensor& ai, at::Tensor& y);

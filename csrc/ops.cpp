@@ -19,7 +19,7 @@ namespace {
 using at::Tensor;
 using std::optional;
 
-constexpr int64_t DECODE_MAX_M = 16;  // rows up to which the forward is one fused launch after the shrink
+constexpr int64_t DECODE_MAX_M = 4;  // rows up to which the forward is one fused launch after the shrink (one MC chunk)
 
 std::string shape_of(const Tensor& t) {
   std::ostringstream s;
