@@ -234,9 +234,6 @@ def _fwd_fake(x, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, r
     return y, q
 
 
-_GRAD_NAMES = ("x", "weight", "bias", "lora_A", "lora_B", "rank_scale", "out_scale")
-
-
 @torch.library.custom_op("lorakern::lora_linear_bwd", mutates_args=())
 def _bwd(
     grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
@@ -256,17 +253,20 @@ def _bwd(
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 
+def _grad_likes(x, weight, A, B, rank_scale, out_scale):
+    """The tensors whose shapes the seven gradients take (bias's is [N])."""
+    return (x, weight, x.new_empty(weight.shape[0]), A, B, rank_scale, out_scale)
+
+
 def _zero_grads(x, weight, A, B, rank_scale, out_scale, needs):
-    N = weight.shape[0]
-    likes = (x, weight, x.new_empty(N), A, B, rank_scale, out_scale)
+    likes = _grad_likes(x, weight, A, B, rank_scale, out_scale)
     return [torch.zeros_like(t) if n and t is not None else None for n, t in zip(needs, likes)]
 
 
 @_bwd.register_fake
 def _bwd_fake(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx, out_scale,
               dropout_p, seed, adapter_index, q, needs, backend):
-    N = weight.shape[0]
-    likes = (x, weight, x.new_empty(N), lora_A, lora_B, rank_scale, out_scale)
+    likes = _grad_likes(x, weight, lora_A, lora_B, rank_scale, out_scale)
     return [torch.empty_like(t, memory_format=torch.contiguous_format) if n and t is not None else x.new_empty(0)
             for n, t in zip(needs, likes)]
 

@@ -115,6 +115,15 @@ def _rank_factor(scaling, rank_scale):
     return rank_scale.to(_qdtype(rank_scale)) * scaling
 
 
+def _adapter_args(gi, scaling, scaling_g, u, v):
+    """(s, u, v) of adapter gi (None: the single adapter); u and v may be shared [R] / [N] vectors."""
+    if gi is None:
+        return scaling, u, v
+    s = scaling_g[gi] if scaling_g is not None else scaling
+    pick = lambda t: None if t is None else (t[gi] if t.dim() == 2 else t)  # noqa: E731
+    return s, pick(u), pick(v)
+
+
 def _groups(adapter_index: torch.Tensor, G: int):
     """(g, rows) for every adapter that has rows."""
     order = torch.argsort(adapter_index, stable=True)
@@ -140,9 +149,7 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, ran
         return y, q
     q = torch.zeros(x.shape[0], A.shape[-2], device=x.device, dtype=_qdtype(x))
     for g, rows in _groups(adapter_index, lora_A.shape[0]):
-        s = scaling_g[g] if scaling_g is not None else scaling
-        ug = None if u is None else (u[g] if u.dim() == 2 else u)
-        vg = None if out_scale is None else (out_scale[g] if out_scale.dim() == 2 else out_scale)
+        s, ug, vg = _adapter_args(g, scaling, scaling_g, u, out_scale)
         qg = torch.mm(xk[rows], A[g].T).to(q.dtype).mul_(inv)
         q[rows] = qg
         Bv = B[g] if vg is None else B[g] * vg[:, None]
@@ -187,10 +194,8 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, 
     dx = torch.mm(g, weight) if n_x else None
 
     def one(gi, rows):
-        s = scaling if gi is None or scaling_g is None else scaling_g[gi]
+        s, ug, vg = _adapter_args(gi, scaling, scaling_g, u, out_scale)
         Ag, Bg = (A, B) if gi is None else (A[gi], B[gi])
-        ug = None if u is None else (u if u.dim() == 1 else u[gi])
-        vg = None if out_scale is None else (out_scale if out_scale.dim() == 1 else out_scale[gi])
         sub = (lambda t: t) if rows is None else (lambda t: t[rows])  # noqa: E731
         dqk, dAg, dBg, dug, dvg = _adapter_grads(sub(g), sub(xk), sub(q), Ag, Bg, s, ug, vg, inv,
                                                  n_A, n_B, n_u, n_v)

@@ -16,6 +16,7 @@ import lorakern
 import lorakern.triton
 from lorakern.alloc import poisoned
 from lorakern.reference import reference_lora_linear
+from test_op import rel_err
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_CUDA = torch.cuda.is_available()
@@ -63,13 +64,6 @@ def tol(dt: torch.dtype) -> float:
 def shape(dev, small, big):
     """Tiny shapes under the interpreter, bigger awkward ones on a GPU."""
     return small if dev == "cpu" else big
-
-
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    a, ref = a.double().cpu(), ref.double().cpu()
-    assert not torch.isnan(a).any(), "NaN in the output (an element left unwritten)"
-    den = ref.norm().item()
-    return (a - ref).norm().item() / (den if den > 0 else 1.0)
 
 
 def make(dev, dt, M, K, N, R, *, G=None, bias=True, rank_scale=None, out_scale=None, rank_mask=False, seed=0):
