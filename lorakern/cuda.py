@@ -137,19 +137,20 @@ def _ops():
 
 
 def forward(x, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx, out_scale,
-            dropout_p, seed, adapter_index):
+            dropout_p, seed, adapter_index, base_scale=None, deterministic=False):
     """(y, q) per ARCHITECTURE.md; the op has checked every argument, so the C++ value checks
     (which sync) are skipped."""
     return _ops().forward(x, weight, bias, lora_A, lora_B, float(scaling), scaling_g, rank_scale, rank_idx,
-                          out_scale, float(dropout_p), int(seed), adapter_index, False)
+                          out_scale, float(dropout_p), int(seed), adapter_index, base_scale, bool(deterministic),
+                          False)
 
 
 def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx, out_scale,
-             dropout_p, seed, adapter_index, q, needs):
-    """(dx, dweight, dbias, dA, dB, drank_scale, dout_scale); None where ``needs`` is False."""
+             dropout_p, seed, adapter_index, base_scale, q, needs, deterministic=False):
+    """(dx, dweight, dbias, dA, dB, drank_scale, dout_scale, dbase_scale); None where ``needs`` is False."""
     grads = _ops().backward(grad_y, x, weight, lora_A, lora_B, float(scaling), scaling_g, rank_scale, rank_idx,
-                            out_scale, float(dropout_p), int(seed), adapter_index, q, [int(n) for n in needs],
-                            False)
+                            out_scale, float(dropout_p), int(seed), adapter_index, base_scale, q,
+                            [int(n) for n in needs], bool(deterministic), False)
     return tuple(gr if n else None for gr, n in zip(grads, needs))
 
 

@@ -94,7 +94,8 @@ def _check_vector(name: str, t, length: int, banked: bool, G: int, like: torch.T
         raise ValueError(f"{name}: expected shape {wanted}, got {_shape(t)}")
 
 
-def _check_args(x, weight, bias, A, B, scaling, rank_scale, rank_mask, out_scale, dropout_p, adapter_index):
+def _check_args(x, weight, bias, A, B, scaling, rank_scale, rank_mask, out_scale, dropout_p, adapter_index,
+                base_scale=None):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOATS:
@@ -139,6 +140,7 @@ def _check_args(x, weight, bias, A, B, scaling, rank_scale, rank_mask, out_scale
     if rank_mask is not None and rank_mask.dtype != torch.bool:
         raise TypeError(f"rank_mask: expected dtype torch.bool, got {rank_mask.dtype}")
     _check_vector("out_scale", out_scale, N, banked, G, x)
+    _check_vector("base_scale", base_scale, N, False, G, x)
     if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not (0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
     M = x.numel() // K if K else 0
@@ -213,7 +215,7 @@ def _fwd(
     lora_B: torch.Tensor, scaling: float, scaling_g: Optional[torch.Tensor],
     rank_scale: Optional[torch.Tensor], rank_idx: Optional[torch.Tensor],
     out_scale: Optional[torch.Tensor], dropout_p: float, seed: Optional[torch.Tensor],
-    adapter_index: Optional[torch.Tensor], backend: str,
+    adapter_index: Optional[torch.Tensor], base_scale: Optional[torch.Tensor], backend: str, deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     M, N = x.shape[0], weight.shape[0]
     Ra = lora_A.shape[-2] if rank_idx is None else rank_idx.shape[0]
@@ -221,13 +223,13 @@ def _fwd(
         return x.new_empty(0, N), torch.empty(0, Ra, device=x.device, dtype=_qdtype(x))
     return get_backend(backend).forward(
         x, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx, out_scale,
-        dropout_p, _seed_int(seed), adapter_index,
+        dropout_p, _seed_int(seed), adapter_index, base_scale, deterministic,
     )
 
 
 @_fwd.register_fake
 def _fwd_fake(x, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx, out_scale,
-              dropout_p, seed, adapter_index, backend):
+              dropout_p, seed, adapter_index, base_scale, backend, deterministic):
     Ra = lora_A.shape[-2] if rank_idx is None else rank_idx.shape[0]
     y = x.new_empty(x.shape[0], weight.shape[0])
     q = x.new_empty(x.shape[0], Ra, dtype=_qdtype(x))
@@ -240,57 +242,59 @@ def _bwd(
     lora_B: torch.Tensor, scaling: float, scaling_g: Optional[torch.Tensor],
     rank_scale: Optional[torch.Tensor], rank_idx: Optional[torch.Tensor],
     out_scale: Optional[torch.Tensor], dropout_p: float, seed: Optional[torch.Tensor],
-    adapter_index: Optional[torch.Tensor], q: torch.Tensor, needs: list[bool], backend: str,
+    adapter_index: Optional[torch.Tensor], base_scale: Optional[torch.Tensor], q: torch.Tensor, needs: list[bool],
+    backend: str, deterministic: bool,
 ) -> list[torch.Tensor]:
     if x.shape[0] == 0:
-        grads = _zero_grads(x, weight, lora_A, lora_B, rank_scale, out_scale, needs)
+        grads = _zero_grads(x, weight, lora_A, lora_B, rank_scale, out_scale, base_scale, needs)
     else:
         grads = get_backend(backend).backward(
             grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx,
-            out_scale, dropout_p, _seed_int(seed), adapter_index, q, tuple(needs),
+            out_scale, dropout_p, _seed_int(seed), adapter_index, base_scale, q, tuple(needs), deterministic,
         )
     # custom ops return tensors only: an empty tensor stands for "not computed"
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 
-def _grad_likes(x, weight, A, B, rank_scale, out_scale):
-    """The tensors whose shapes the seven gradients take (bias's is [N])."""
-    return (x, weight, x.new_empty(weight.shape[0]), A, B, rank_scale, out_scale)
+def _grad_likes(x, weight, A, B, rank_scale, out_scale, base_scale):
+    """The tensors whose shapes the eight gradients take (bias's is [N])."""
+    return (x, weight, x.new_empty(weight.shape[0]), A, B, rank_scale, out_scale, base_scale)
 
 
-def _zero_grads(x, weight, A, B, rank_scale, out_scale, needs):
-    likes = _grad_likes(x, weight, A, B, rank_scale, out_scale)
+def _zero_grads(x, weight, A, B, rank_scale, out_scale, base_scale, needs):
+    likes = _grad_likes(x, weight, A, B, rank_scale, out_scale, base_scale)
     return [torch.zeros_like(t) if n and t is not None else None for n, t in zip(needs, likes)]
 
 
 @_bwd.register_fake
 def _bwd_fake(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx, out_scale,
-              dropout_p, seed, adapter_index, q, needs, backend):
-    likes = _grad_likes(x, weight, lora_A, lora_B, rank_scale, out_scale)
+              dropout_p, seed, adapter_index, base_scale, q, needs, backend, deterministic):
+    likes = _grad_likes(x, weight, lora_A, lora_B, rank_scale, out_scale, base_scale)
     return [torch.empty_like(t, memory_format=torch.contiguous_format) if n and t is not None else x.new_empty(0)
             for n, t in zip(needs, likes)]
 
 
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, A, B, scaling, scaling_g, rank_scale, rank_idx, out_scale, p, seed, adapter_index,
-     backend) = inputs
+     base_scale, backend, deterministic) = inputs
     _, q = output
-    ctx.needs = [bool(ctx.needs_input_grad[i]) for i in (0, 1, 2, 3, 4, 7, 9)]
-    ctx.scalars = (scaling, p, backend)
-    ctx.save_for_backward(x, weight, A, B, scaling_g, rank_scale, rank_idx, out_scale, adapter_index, q, seed)
+    ctx.needs = [bool(ctx.needs_input_grad[i]) for i in (0, 1, 2, 3, 4, 7, 9, 13)]
+    ctx.scalars = (scaling, p, backend, deterministic)
+    ctx.save_for_backward(x, weight, A, B, scaling_g, rank_scale, rank_idx, out_scale, adapter_index, base_scale, q,
+                          seed)
     ctx.mark_non_differentiable(q)
 
 
 def _backward(ctx, grad_y, grad_q):
-    x, weight, A, B, scaling_g, rank_scale, rank_idx, out_scale, adapter_index, q, seed = ctx.saved_tensors
-    scaling, p, backend = ctx.scalars
+    x, weight, A, B, scaling_g, rank_scale, rank_idx, out_scale, adapter_index, base_scale, q, seed = ctx.saved_tensors
+    scaling, p, backend, deterministic = ctx.scalars
     needs = ctx.needs
     if not any(needs):
-        return (None,) * 14
+        return (None,) * 16
     grads = _bwd(grad_y.contiguous(), x, weight, A, B, scaling, scaling_g, rank_scale, rank_idx, out_scale,
-                 p, seed, adapter_index, q, needs, backend)
-    dx, dw, db, dA, dB, drs, dv = (g if n else None for g, n in zip(grads, needs))
-    return dx, dw, db, dA, dB, None, None, drs, None, dv, None, None, None, None
+                 p, seed, adapter_index, base_scale, q, needs, backend, deterministic)
+    dx, dw, db, dA, dB, drs, dv, dbs = (g if n else None for g, n in zip(grads, needs))
+    return dx, dw, db, dA, dB, None, None, drs, None, dv, None, None, None, dbs, None, None
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -313,9 +317,11 @@ def lora_linear(
     dropout_p: float = 0.0,
     seed: Optional[int] = None,
     adapter_index: Optional[torch.Tensor] = None,
+    base_scale: Optional[torch.Tensor] = None,
+    deterministic: Optional[bool] = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """``y = x W^T + b + v * ((s * (x~ A^T) * (u * m)) B^T)``, fused; see DESIGN.md section 1.
+    """``y = c * (x W^T) + b + v * ((s * (x~ A^T) * (u * m)) B^T)``, fused; see DESIGN.md section 1.
 
     >>> import torch, lorakern
     >>> x, W = torch.randn(4, 32), torch.randn(16, 32)
@@ -326,14 +332,21 @@ def lora_linear(
     Banks ``lora_A [G, r, K]`` / ``lora_B [G, N, r]`` with ``adapter_index [M]`` give each row its
     own adapter (-1: the base only). ``dropout_p`` applies to the adapter branch only, keyed by
     ``seed`` (None draws one from torch's generator) and regenerated, never stored, in backward.
+    ``base_scale`` (c, [N], trainable) scales the base path per output column (DoRA's magnitude
+    ratio; ARCHITECTURE.md). ``deterministic=True`` (None: ``torch.are_deterministic_algorithms_enabled()``)
+    makes every backend sum in a fixed order, so repeated calls agree bit for bit.
     """
     if torch.is_autocast_enabled(x.device.type) if hasattr(torch, "is_autocast_enabled") else False:
         dt = torch.get_autocast_dtype(x.device.type)
         cast = lambda t: t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
-        x, weight, bias, lora_A, lora_B, rank_scale, out_scale = map(
-            cast, (x, weight, bias, lora_A, lora_B, rank_scale, out_scale))
+        x, weight, bias, lora_A, lora_B, rank_scale, out_scale, base_scale = map(
+            cast, (x, weight, bias, lora_A, lora_B, rank_scale, out_scale, base_scale))
     M, K, N, R, G = _check_args(x, weight, bias, lora_A, lora_B, scaling, rank_scale, rank_mask, out_scale,
-                                dropout_p, adapter_index)
+                                dropout_p, adapter_index, base_scale)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    elif not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic: expected a bool or None, got {type(deterministic).__name__}")
     name = resolve_backend(backend, x, M, K, N, R)
 
     dropout_p = float(dropout_p)
@@ -368,5 +381,5 @@ def lora_linear(
     if adapter_index is not None:
         adapter_index = adapter_index.to(torch.int64)
     y, _ = _fwd(x2, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx, out_scale,
-                dropout_p, seed_t, adapter_index, name)
+                dropout_p, seed_t, adapter_index, base_scale, name, deterministic)
     return y if x.dim() == 2 else y.reshape(*lead, N)

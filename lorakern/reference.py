@@ -28,6 +28,7 @@ def reference_lora_linear(
     keep: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
     adapter_index: Optional[torch.Tensor] = None,
+    base_scale: Optional[torch.Tensor] = None,
     dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
     """The op in ``dtype`` (float64 by default): differentiable, a loop over adapters.
@@ -43,6 +44,8 @@ def reference_lora_linear(
     lead = x.shape[:-1]
     x2 = c(x).reshape(-1, K)
     y = x2 @ c(weight).T
+    if base_scale is not None:
+        y = y * c(base_scale)
     if bias is not None:
         y = y + c(bias)
     xd = x2 if keep is None else x2 * keep.reshape(x2.shape).to(dtype) / (1.0 - dropout_p)
@@ -136,10 +139,20 @@ def _groups(adapter_index: torch.Tensor, G: int):
         start += n
 
 
+def _base(x, weight, bias, base_scale):
+    """c * (x W^T) + b, a fresh tensor."""
+    if base_scale is None:
+        return torch.addmm(bias, x, weight.T) if bias is not None else torch.mm(x, weight.T)
+    y = torch.mm(x, weight.T).mul_(base_scale)
+    return y if bias is None else y.add_(bias)
+
+
 def forward(x, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx, out_scale,
-            dropout_p, seed, adapter_index):
-    """(y, q): base GEMM into y, then the rank-r update added in place (addmm)."""
-    y = torch.addmm(bias, x, weight.T) if bias is not None else torch.mm(x, weight.T)
+            dropout_p, seed, adapter_index, base_scale=None, deterministic=False):
+    """(y, q): base GEMM into y, then the rank-r update added in place (addmm). Every sum here
+    has a fixed order (index_add_ only ever adds one row into each element), so the backend is
+    deterministic whatever ``deterministic`` says."""
+    y = _base(x, weight, bias, base_scale)
     xk, _, inv = _kept(x, dropout_p, seed)
     A, B, u = _pick_ranks(lora_A, lora_B, rank_scale, rank_idx)
     if adapter_index is None:
@@ -179,11 +192,20 @@ def _adapter_grads(g, xk, q, A, B, s, u, v, inv, needs_A, needs_B, needs_u, need
     return dqk, dA, dB, du, dv
 
 
+def base_scale_grad(g, x, weight):
+    """dc = sum over rows of g * (x W^T), float32 (float64 for float64 inputs): the base product is
+    recomputed (one GEMM), not saved, and freed at once."""
+    z = torch.mm(x, weight.T)
+    return z.mul_(g).sum(0, dtype=_qdtype(x))
+
+
 def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx, out_scale,
-             dropout_p, seed, adapter_index, q, needs):
+             dropout_p, seed, adapter_index, base_scale, q, needs, deterministic=False):
     """Gradients per DESIGN.md section 1; nothing is computed for a frozen input."""
-    n_x, n_w, n_b, n_A, n_B, n_u, n_v = needs
+    n_x, n_w, n_b, n_A, n_B, n_u, n_v, n_c = needs
     g = grad_y
+    dc = base_scale_grad(g, x, weight).to(base_scale.dtype) if n_c else None
+    gc = g if base_scale is None else g * base_scale  # the base path's upstream gradient
     xk, keep, inv = _kept(x, dropout_p, seed)
     A, B, u = _pick_ranks(lora_A, lora_B, rank_scale, rank_idx)
     zeros = lambda t, n, dt=None: torch.zeros(t.shape, dtype=dt or t.dtype, device=t.device) if n else None  # noqa: E731
@@ -191,7 +213,7 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, 
     du = zeros(rank_scale, n_u, q.dtype)
     dv = zeros(out_scale, n_v, q.dtype)
     ridx = rank_idx if rank_idx is not None else torch.arange(A.shape[-2], device=x.device)
-    dx = torch.mm(g, weight) if n_x else None
+    dx = torch.mm(gc, weight) if n_x else None
 
     def one(gi, rows):
         s, ug, vg = _adapter_args(gi, scaling, scaling_g, u, out_scale)
@@ -226,8 +248,8 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, 
     else:
         for gi, rows in _groups(adapter_index, lora_A.shape[0]):
             one(gi, rows)
-    dW = torch.mm(g.T, x) if n_w else None
+    dW = torch.mm(gc.T, x) if n_w else None
     db = g.sum(0) if n_b else None
     du = du.to(rank_scale.dtype) if du is not None else None
     dv = dv.to(out_scale.dtype) if dv is not None else None
-    return dx, dW, db, dA, dB, du, dv
+    return dx, dW, db, dA, dB, du, dv, dc
