@@ -1,5 +1,8 @@
 """How the csrc extension is built, shared by ``setup.py`` (ahead of time) and ``lorakern.cuda`` (JIT).
 
+Installed beside the package (``py-modules``); wheels carry csrc/ as ``lorakern/csrc/`` (setup.py's
+build_py), so an installed copy builds from there and a checkout or sdist from its top-level csrc/.
+
 >>> from lorakern_build import cuda_extension        # in setup.py, with LORAKERN_BUILD_CUDA=1
 >>> ext_modules, cmdclass = cuda_extension()
 """
@@ -10,7 +13,9 @@ import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-CSRC = ROOT / "csrc"
+INSTALLED_CSRC = Path("lorakern", "csrc")  # csrc/'s place in a wheel, relative to ROOT once installed
+CSRC = ROOT / INSTALLED_CSRC if (ROOT / INSTALLED_CSRC).is_dir() else ROOT / "csrc"
+SHIPPED = ("*.cpp", "*.cu", "*.cuh", "*.h", "exports.map")  # MANIFEST.in lists the same for the sdist
 EXT_NAME = "lorakern._lorakern_cuda"  # the prebuilt library's module name (loaded with torch.ops.load_library)
 DEFAULT_ARCHS = "8.0;9.0"
 
@@ -18,6 +23,11 @@ DEFAULT_ARCHS = "8.0;9.0"
 def sources() -> list[str]:
     """The extension's sources: ops.cpp (schemas, checks) and one .cu per kernel family."""
     return sorted(str(p) for p in CSRC.glob("*.cpp")) + sorted(str(p) for p in CSRC.glob("*.cu"))
+
+
+def shipped() -> list[str]:
+    """Every csrc/ file the build reads: sources, headers and the linker's export map."""
+    return sorted(str(p) for pattern in SHIPPED for p in CSRC.glob(pattern))
 
 
 def include_dirs() -> list[str]:
