@@ -24,8 +24,10 @@ void decode(const at::Tensor& x, const at::Tensor& W, const at::Tensor& bias, co
 
 // out[g, c, r] += sum over rows m of adapter g of drop(m,c) X[m,c] T[m,r]; out float32 [Gc, cols, Ra]
 // zero-initialised; rows visited in `order` (int64 [M], e.g. sorted by adapter) or 0..M-1.
+// one_slice: all rows in one block per column tile, so each element gets its adds in a fixed
+// order (deterministic; fewer blocks).
 void reduce_rows(const at::Tensor& X, const at::Tensor& T, const at::Tensor& ai, const at::Tensor& order,
-                 double p, int64_t seed, at::Tensor& out);
+                 double p, int64_t seed, bool one_slice, at::Tensor& out);
 
 // bool [M, K]: the keep-mask the kernels use.
 at::Tensor keep_mask(int64_t seed, int64_t M, int64_t K, double p, c10::Device device);

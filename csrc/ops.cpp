@@ -130,6 +130,13 @@ Dims check_args(const Tensor& x, const Tensor& weight, const optional<Tensor>& b
   return d;
 }
 
+// The base scale c [N] (DoRA's magnitude ratio): same dtype and device as x.
+void check_base_scale(const optional<Tensor>& c, const Dims& d, const Tensor& x) {
+  if (!c.has_value()) return;
+  check_float("base_scale", *c, x);
+  check_shape("base_scale", *c, {d.N});
+}
+
 Tensor active_ranks(const optional<Tensor>& rank_idx, const Dims& d, const Tensor& x) {
   return rank_idx.has_value() ? rank_idx->contiguous()
                               : at::arange(d.R, at::TensorOptions().dtype(at::kLong).device(x.device()));
@@ -162,9 +169,11 @@ std::tuple<Tensor, Tensor> forward(const Tensor& x, const Tensor& weight, const 
                                    const optional<Tensor>& scaling_g, const optional<Tensor>& rank_scale,
                                    const optional<Tensor>& rank_idx, const optional<Tensor>& out_scale,
                                    double dropout_p, int64_t seed, const optional<Tensor>& adapter_index,
-                                   bool validate) {
+                                   const optional<Tensor>& base_scale, bool deterministic, bool validate) {
   const Dims d = check_args(x, weight, bias, lora_A, lora_B, scaling_g, rank_scale, rank_idx, out_scale, dropout_p,
                             adapter_index, validate);
+  check_base_scale(base_scale, d, x);
+  (void)deterministic;  // the forward has no reduction across threads: always deterministic
   c10::cuda::CUDAGuard guard(x.device());
   Tensor q = at::empty({d.M, d.Ra}, x.options().dtype(at::kFloat));
   if (d.M == 0) return {at::empty({0, d.N}, x.options()), q};
@@ -173,12 +182,18 @@ std::tuple<Tensor, Tensor> forward(const Tensor& x, const Tensor& weight, const 
   const Tensor fac = rank_factor(scaling, scaling_g, rank_scale, idx, d, x);
   const Tensor v = per_column(out_scale, d);
   rowdot(x, as_bank(lora_A), Tensor(), idx, ai, dropout_p, seed, q);
-  if (d.M <= DECODE_MAX_M) {
+  if (d.M <= DECODE_MAX_M && !base_scale.has_value()) {
     Tensor y = at::empty({d.M, d.N}, x.options());
     decode(x, weight, optional_or_undefined(bias), q, fac, as_bank(lora_B), v, idx, ai, y);
     return {y, q};
   }
-  Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  Tensor y;
+  if (base_scale.has_value()) {
+    y = at::mm(x, weight.t()).mul_(*base_scale);
+    if (bias.has_value()) y.add_(*bias);
+  } else {
+    y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  }
   if (d.banked) {
     expand_add(y, q, fac, lora_B, v, idx, ai, 0.0, 0);
   } else {
@@ -193,22 +208,25 @@ std::vector<Tensor> backward(const Tensor& grad_y, const Tensor& x, const Tensor
                              const Tensor& lora_B, double scaling, const optional<Tensor>& scaling_g,
                              const optional<Tensor>& rank_scale, const optional<Tensor>& rank_idx,
                              const optional<Tensor>& out_scale, double dropout_p, int64_t seed,
-                             const optional<Tensor>& adapter_index, const Tensor& q, at::IntArrayRef needs_in,
-                             bool validate) {
+                             const optional<Tensor>& adapter_index, const optional<Tensor>& base_scale,
+                             const Tensor& q, at::IntArrayRef needs_in, bool deterministic, bool validate) {
   const Dims d = check_args(x, weight, std::nullopt, lora_A, lora_B, scaling_g, rank_scale, rank_idx, out_scale,
                             dropout_p, adapter_index, validate);
+  check_base_scale(base_scale, d, x);
   check_float("grad_y", grad_y, x);
   check_shape("grad_y", grad_y, {d.M, d.N});
   check_on("q", q, x);
   TORCH_CHECK(q.scalar_type() == at::kFloat, "q: expected dtype float32, got ", q.scalar_type());
   check_shape("q", q, {d.M, d.Ra});
-  TORCH_CHECK(needs_in.size() == 7, "needs: expected 7 flags (x, weight, bias, lora_A, lora_B, rank_scale, out_scale), got ",
+  TORCH_CHECK(needs_in.size() == 8,
+              "needs: expected 8 flags (x, weight, bias, lora_A, lora_B, rank_scale, out_scale, base_scale), got ",
               needs_in.size());
   const bool n_x = needs_in[0], n_w = needs_in[1], n_b = needs_in[2], n_A = needs_in[3], n_B = needs_in[4],
-             n_u = needs_in[5] && rank_scale.has_value(), n_v = needs_in[6] && out_scale.has_value();
+             n_u = needs_in[5] && rank_scale.has_value(), n_v = needs_in[6] && out_scale.has_value(),
+             n_c = needs_in[7] && base_scale.has_value();
   c10::cuda::CUDAGuard guard(x.device());
   const auto fopt = x.options().dtype(at::kFloat);
-  std::vector<Tensor> out(7, at::empty({0}, x.options()));
+  std::vector<Tensor> out(8, at::empty({0}, x.options()));
   const Tensor& g = grad_y;
   const Tensor qc = q.contiguous();
   const Tensor idx = active_ranks(rank_idx, d, x);
@@ -234,26 +252,34 @@ std::vector<Tensor> backward(const Tensor& grad_y, const Tensor& x, const Tensor
                                             : at::full({d.M}, scaling, fopt);
       if (d.banked && !scaling_g.has_value()) s_rows = s_rows * valid;
       const Tensor w = dt * qc * s_rows.unsqueeze(1);
-      Tensor du_act = rank_scale->dim() == 1 ? w.sum(0) : at::zeros({d.G, d.Ra}, fopt).index_add_(0, gi, w);
+      // per adapter by a GEMM with the rows' one-hot adapter matrix (index_add_'s atomics would
+      // sum in a varying order)
+      Tensor du_act = rank_scale->dim() == 1
+                          ? w.sum(0)
+                          : at::mm(at::zeros({d.G, d.M}, fopt).scatter_(0, gi.unsqueeze(0), 1.0), w);
       out[5] = at::zeros(rank_scale->sizes(), fopt).index_copy_(-1, idx, du_act).to(rank_scale->scalar_type());
     }
   }
+  // the base path's upstream gradient g * c
+  const Tensor gc = base_scale.has_value() && (n_x || n_w) ? g * *base_scale : g;
   if (n_x) {
-    Tensor dx = at::mm(g, weight);
+    Tensor dx = at::mm(gc, weight);
     if (!d.banked && !dropout) dx.addmm_(dq.to(x.scalar_type()), lora_A.index_select(0, idx));
     else expand_add(dx, dq, Tensor(), as_bank(lora_A).transpose(1, 2), Tensor(), idx, ai, dropout_p, seed);
     out[0] = dx;
   }
-  if (n_w) out[1] = at::mm(g.t(), x);
+  if (n_w) out[1] = at::mm(gc.t(), x);
   if (n_b) out[2] = g.sum(0);
-  const Tensor order = d.banked ? at::argsort(ai) : Tensor();
+  if (n_c) out[7] = at::mm(x, weight.t()).mul_(g).sum(0, false, at::kFloat).to(base_scale->scalar_type());
+  // stable, so that the rows of each adapter are visited in the same order on every call
+  const Tensor order = d.banked ? at::argsort(ai, /*stable=*/true) : Tensor();
   if (n_A) {
     Tensor dA_act;  // [Gc, Ra, K]
     if (!d.banked && !dropout) {
       dA_act = at::mm(dq.t().to(x.scalar_type()), x).unsqueeze(0);
     } else {
       Tensor acc = at::zeros({d.G, d.K, d.Ra}, fopt);
-      reduce_rows(x, dq.contiguous(), ai, order, dropout_p, seed, acc);
+      reduce_rows(x, dq.contiguous(), ai, order, dropout_p, seed, deterministic, acc);
       dA_act = acc.transpose(1, 2);
     }
     Tensor dA = at::zeros({d.G, d.R, d.K}, x.options());
@@ -267,7 +293,7 @@ std::vector<Tensor> backward(const Tensor& grad_y, const Tensor& x, const Tensor
       P = at::mm(g.t(), t.to(x.scalar_type())).to(at::kFloat).unsqueeze(0);
     } else {
       P = at::zeros({d.G, d.N, d.Ra}, fopt);
-      reduce_rows(g, t.contiguous(), ai, order, 0.0, 0, P);
+      reduce_rows(g, t.contiguous(), ai, order, 0.0, 0, deterministic, P);
     }
     if (n_B) {
       Tensor dB_act = v.defined() ? P * v.unsqueeze(2).to(at::kFloat) : P;
@@ -298,11 +324,12 @@ TORCH_LIBRARY(lorakern_cuda, m) {
   m.def(
       "forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
       "Tensor? scaling_g, Tensor? rank_scale, Tensor? rank_idx, Tensor? out_scale, float dropout_p, int seed, "
-      "Tensor? adapter_index, bool validate=True) -> (Tensor, Tensor)");
+      "Tensor? adapter_index, Tensor? base_scale, bool deterministic, bool validate=True) -> (Tensor, Tensor)");
   m.def(
       "backward(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, float scaling, "
       "Tensor? scaling_g, Tensor? rank_scale, Tensor? rank_idx, Tensor? out_scale, float dropout_p, int seed, "
-      "Tensor? adapter_index, Tensor q, int[] needs, bool validate=True) -> Tensor[]");
+      "Tensor? adapter_index, Tensor? base_scale, Tensor q, int[] needs, bool deterministic, bool validate=True) "
+      "-> Tensor[]");
   // no tensor argument to dispatch on: a catch-all kernel
   m.def("dropout_keep(int seed, int M, int K, float dropout_p, Device device) -> Tensor", &lorakern::dropout_keep);
 }

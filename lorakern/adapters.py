@@ -150,8 +150,9 @@ class AdaptedLinear(LoRALinear):
 class DoRALinear(LoRALinear):
     """DoRA: ``y = m / ||W + s B A||_row * (x W^T + s x~ A^T B^T) + b``, the norm detached (as PEFT).
 
-    The op computes the bracket; the magnitude ratio scales its output in torch (the op has no
-    base-path output scale yet). ``magnitude [out]`` starts at the row norms of ``W + s B A``.
+    One call of the op: the magnitude ratio ``m / ||W + s B A||_row`` enters as both its
+    ``base_scale`` and its ``out_scale``, so nothing M x N is computed or saved around it.
+    ``magnitude [out]`` starts at the row norms of ``W + s B A``.
 
     >>> layer = DoRALinear.from_linear(nn.Linear(16, 8), r=4)
     >>> torch.allclose(layer.magnitude, layer.weight.norm(dim=1))
@@ -203,8 +204,8 @@ class DoRALinear(LoRALinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return nn.functional.linear(x, self.weight, self.bias)
-        y = lora_linear(
-            x, self.weight, None, self.lora_A, self.lora_B, scaling=self.scaling,
-            dropout_p=self.lora_dropout if self.training else 0.0, backend=self.backend,
-        ) * self._ratio()
-        return y if self.bias is None else y + self.bias
+        ratio = self._ratio()
+        return lora_linear(
+            x, self.weight, self.bias, self.lora_A, self.lora_B, scaling=self.scaling, base_scale=ratio,
+            out_scale=ratio, dropout_p=self.lora_dropout if self.training else 0.0, backend=self.backend,
+        )

@@ -39,6 +39,11 @@ BAD = {
                         "rank_mask: expected dtype torch.bool"),
     "out_scale": (lambda x, W, b, A, B: ((x, W, b, A, B), {"out_scale": torch.ones(9)}), ValueError,
                   "out_scale: expected shape [8]"),
+    "base_scale": (lambda x, W, b, A, B: ((x, W, b, A, B), {"base_scale": torch.ones(2, 8)}), ValueError,
+                   "base_scale: expected shape [8], got [2, 8]"),
+    "base_scale_dtype": (lambda x, W, b, A, B: ((x, W, b, A, B), {"base_scale": torch.ones(8, dtype=torch.float64)}),
+                         TypeError, "base_scale: expected dtype torch.float32"),
+    "deterministic": (lambda x, W, b, A, B: ((x, W, b, A, B), {"deterministic": 1}), TypeError, "deterministic"),
     "dropout_hi": (lambda x, W, b, A, B: ((x, W, b, A, B), {"dropout_p": 1.0}), ValueError, "dropout_p"),
     "dropout_lo": (lambda x, W, b, A, B: ((x, W, b, A, B), {"dropout_p": -0.1}), ValueError, "dropout_p"),
     "int_x": (lambda x, W, b, A, B: ((x.long(), W, b, A, B), {}), TypeError, "x: expected a floating dtype"),
@@ -118,11 +123,21 @@ def test_gradcheck_banks():
     assert torch.autograd.gradcheck(f, (x, A, B))
 
 
+def test_gradcheck_base_scale():
+    x, W, b, A, B = (t.requires_grad_() for t in inputs(dtype=torch.float64))
+    c, v = (torch.rand(8, dtype=torch.float64, requires_grad=True) + 0.5 for _ in range(2))
+    f = lambda x, W, A, B, c, v: lorakern.lora_linear(x, W, b, A, B, scaling=0.5, base_scale=c, out_scale=v,  # noqa
+                                                     dropout_p=0.2, seed=3, backend="torch")
+    assert torch.autograd.gradcheck(f, (x, W, A, B, c, v))
+
+
 def _op_args(requires_grad):
     x, W, b, A, B = inputs()
-    for t in (x, A, B):
+    c = torch.rand(8)
+    for t in (x, A, B, c):
         t.requires_grad_(requires_grad)
-    return (x, W, b, A, B, 0.5, None, torch.rand(4), None, torch.rand(8), 0.1, torch.tensor(9), None, "torch")
+    return (x, W, b, A, B, 0.5, None, torch.rand(4), None, torch.rand(8), 0.1, torch.tensor(9), None, c, "torch",
+            False)
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])
@@ -133,15 +148,16 @@ def test_opcheck_forward(requires_grad):
 def test_opcheck_banked():
     x, W, b, A, B = inputs(G=3)
     A.requires_grad_()
-    args = (x, W, b, A, B, 1.0, torch.rand(3), None, None, None, 0.0, None, torch.tensor([0, 2, -1, 1, 1, 0]), "torch")
+    args = (x, W, b, A, B, 1.0, torch.rand(3), None, None, None, 0.0, None, torch.tensor([0, 2, -1, 1, 1, 0]), None,
+            "torch", True)
     torch.library.opcheck(_fwd, args)
 
 
 def test_opcheck_backward():
     x, W, b, A, B = inputs()
-    y, q = _fwd(x, W, b, A, B, 0.5, None, None, None, None, 0.1, torch.tensor(9), None, "torch")
-    args = (torch.randn_like(y), x, W, A, B, 0.5, None, None, None, None, 0.1, torch.tensor(9), None, q,
-            [True, False, True, True, True, False, False], "torch")
+    y, q = _fwd(x, W, b, A, B, 0.5, None, None, None, None, 0.1, torch.tensor(9), None, None, "torch", False)
+    args = (torch.randn_like(y), x, W, A, B, 0.5, None, None, None, None, 0.1, torch.tensor(9), None, None, q,
+            [True, False, True, True, True, False, False, False], "torch", False)
     torch.library.opcheck(_bwd, args)
 
 

@@ -64,7 +64,7 @@ def _args(dev="cpu", M=5, K=12, N=7, R=3, dt=torch.float32):
     W = torch.randn(N, K, device=dev, dtype=dt)
     A = torch.randn(R, K, device=dev, dtype=dt)
     B = torch.randn(N, R, device=dev, dtype=dt)
-    return [x, W, None, A, B, 1.0, None, None, None, None, 0.0, 0, None]
+    return [x, W, None, A, B, 1.0, None, None, None, None, 0.0, 0, None, None, False]
 
 
 def test_cpu_tensors_are_rejected(ops):
@@ -72,8 +72,8 @@ def test_cpu_tensors_are_rejected(ops):
         ops.forward(*_args())
     x, W, _, A, B, *_ = _args()
     with pytest.raises(RuntimeError, match=r"x: expected a CUDA tensor, got device cpu"):
-        ops.backward(torch.randn(5, 7), x, W, A, B, 1.0, None, None, None, None, 0.0, 0, None,
-                     torch.randn(5, 3), [1] * 7)
+        ops.backward(torch.randn(5, 7), x, W, A, B, 1.0, None, None, None, None, 0.0, 0, None, None,
+                     torch.randn(5, 3), [1] * 8, False)
     with pytest.raises(RuntimeError, match=r"device: expected a CUDA device, got cpu"):
         ops.dropout_keep(1, 4, 4, 0.1, torch.device("cpu"))
 
@@ -88,13 +88,13 @@ _CHECKS_CHILD = textwrap.dedent("""
     assert ok, why
     ops, d = torch.ops.lorakern_cuda, "cuda"
     x, W, A, B = (torch.randn(*s, device=d) for s in ((5, 12), (7, 12), (3, 12), (7, 3)))
-    good = [x, W, None, A, B, 1.0, None, None, None, None, 0.0, 0, None]
+    good = [x, W, None, A, B, 1.0, None, None, None, None, 0.0, 0, None, None, False]
     A3, B3 = torch.stack([A, A]), torch.stack([B, B])
     ai = torch.tensor([0, 1, -1, 2, 0], device=d)
     cases = {
         "weight": (1, W[:, :-1]), "lora_B": (4, B[:-1]), "bias": (2, W[0, :5]), "dtype": (3, A.half()),
         "cpu": (1, W.cpu()), "dropout": (10, 1.0), "rank_idx": (8, torch.tensor([0, 5], device=d)),
-        "unbanked": (12, torch.zeros(5, dtype=torch.long, device=d)), "range": None,
+        "unbanked": (12, torch.zeros(5, dtype=torch.long, device=d)), "base_scale": (13, W[:3, 0]), "range": None,
     }
     for name, edit in cases.items():
         args = list(good)
@@ -108,7 +108,7 @@ _CHECKS_CHILD = textwrap.dedent("""
             print("no error", flush=True)
         except RuntimeError as e:
             print(str(e).splitlines()[0], flush=True)
-    y, q = ops.forward(x, W, None, A3, B3, 1.0, None, None, None, None, 0.0, 0, ai, False)
+    y, q = ops.forward(x, W, None, A3, B3, 1.0, None, None, None, None, 0.0, 0, ai, None, False, False)
     base_only = torch.allclose(y[3], x[3] @ W.T, rtol=1e-4, atol=1e-4) and bool((q[3] == 0).all())
     print("unvalidated ::", "base only" if base_only else "adapter applied", flush=True)
 """)
@@ -122,6 +122,7 @@ _EXPECTED = {
     "dropout": r"dropout_p: expected a float in \[0, 1\), got 1",
     "rank_idx": r"rank_idx: expected values in \[0, 3\), got 5",
     "unbanked": r"adapter_index: given, so lora_A must be a bank",
+    "base_scale": r"base_scale: expected shape \[7\], got \[3\]",
     "range": r"adapter_index: expected values in \[-1, 2\), got 2",
     "unvalidated": r"base only",  # an out-of-range adapter, unchecked, reads nothing: treated as -1
 }
@@ -326,7 +327,7 @@ def test_kernels_write_every_element(ops):
         poison = torch.full((8 * M * 75 + 4096,), float("nan"), device="cuda", dtype=torch.bfloat16)
         del poison  # the caching allocator hands these NaN-filled blocks to the outputs
         y, q = ops.forward(P["x"], P["W"], P["b"], P["A"], P["B"], 1.0, P["scaling"], P["rank_scale"], None,
-                           P["out_scale"], 0.1, 5, P["adapter_index"])
+                           P["out_scale"], 0.1, 5, P["adapter_index"], None, False)
         assert not torch.isnan(y).any() and not torch.isnan(q).any(), M
 
 
@@ -344,6 +345,6 @@ def test_frozen_inputs_get_nothing(ops):
     P = _problem(40, 64, 32, 4, 0, torch.float16, bias=True, u="1", mask=False, v="1", sg=False, strided=False,
                  dropout=0.0)
     grads = ops.backward(torch.randn(40, 32, device="cuda", dtype=torch.float16), P["x"], P["W"], P["A"], P["B"],
-                         0.7, None, P["rank_scale"], None, P["out_scale"], 0.0, 0, None,
-                         torch.randn(40, 4, device="cuda"), [0, 0, 0, 1, 0, 0, 0])
-    assert [g.numel() == 0 for g in grads] == [True, True, True, False, True, True, True]
+                         0.7, None, P["rank_scale"], None, P["out_scale"], 0.0, 0, None, None,
+                         torch.randn(40, 4, device="cuda"), [0, 0, 0, 1, 0, 0, 0, 0], False)
+    assert [g.numel() == 0 for g in grads] == [True, True, True, False, True, True, True, True]

@@ -13,7 +13,7 @@ from lorakern.alloc import poisoned
 from lorakern.ops import get_backend
 from lorakern.reference import reference_lora_linear
 
-GRAD_ARGS = ("x", "bias", "lora_A", "lora_B", "rank_scale", "out_scale")
+GRAD_ARGS = ("x", "bias", "lora_A", "lora_B", "rank_scale", "out_scale", "base_scale")
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor, rss: torch.Tensor | None = None) -> float:
@@ -34,13 +34,14 @@ def _oracle(t, kw, keep, dropout_p, g, names, *, square=False):
     plain oracle sums, whose square root is the scale of the rounding a correct kernel may show."""
     f = (lambda v: v.detach().double() ** 2) if square else (lambda v: v.detach().double())
     refs = {k: None if v is None else f(v).requires_grad_(k in names) for k, v in t.items()}
+    refs.setdefault("base_scale", None)
     kw = dict(kw)
     if square:
         kw["scaling"] = kw.get("scaling", 1.0) ** 2
         dropout_p = 1.0 - (1.0 - dropout_p) ** 2
     y = reference_lora_linear(refs["x"], refs["weight"], refs["bias"], refs["lora_A"], refs["lora_B"],
-                              rank_scale=refs["rank_scale"], out_scale=refs["out_scale"], keep=keep,
-                              dropout_p=dropout_p, **kw)
+                              rank_scale=refs["rank_scale"], out_scale=refs["out_scale"],
+                              base_scale=refs["base_scale"], keep=keep, dropout_p=dropout_p, **kw)
     if g is None:
         return y.detach(), ()
     grads = torch.autograd.grad(y, [refs[k] for k in names], f(g))
@@ -48,7 +49,7 @@ def _oracle(t, kw, keep, dropout_p, g, names, *, square=False):
 
 
 def make(case, M, K, N, R, *, G=None, bias=True, rank_scale=False, rank_mask=False, out_scale=False,
-         lead=(), seed=0):
+         base_scale=False, lead=(), seed=0):
     """Fresh random inputs (never zeros) scaled so outputs are O(1)."""
     gen = torch.Generator().manual_seed(seed)
     dev, dt = case.device, case.dtype
@@ -65,6 +66,7 @@ def make(case, M, K, N, R, *, G=None, bias=True, rank_scale=False, rank_mask=Fal
         "lora_B": rnd(*bank, N, R, scale=R ** -0.5),
         "rank_scale": rnd(*bank, R) + 1.0 if rank_scale else None,
         "out_scale": rnd(*bank, N) + 1.0 if out_scale else None,
+        "base_scale": rnd(N) + 1.0 if base_scale else None,
     }
     kw = {}
     if rank_mask:
@@ -91,9 +93,10 @@ def run_and_check(case, t, kw, *, dropout_p=0.0, seed=123, grads=True):
     with poisoned():
         y = lorakern.lora_linear(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_A"], leaves["lora_B"],
                                  rank_scale=leaves["rank_scale"], out_scale=leaves["out_scale"],
-                                 dropout_p=dropout_p, seed=seed, backend=case.backend, **kw)
+                                 base_scale=leaves.get("base_scale"), dropout_p=dropout_p, seed=seed,
+                                 backend=case.backend, **kw)
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y) if grads else None
-    names = [k for k in GRAD_ARGS if grads and t[k] is not None]
+    names = [k for k in GRAD_ARGS if grads and t.get(k) is not None]
     y_ref, want = _oracle(t, kw, keep, dropout_p, g, names)
     y_rss, want_rss = (z.sqrt() if torch.is_tensor(z) else tuple(w.sqrt() for w in z)
                        for z in _oracle(t, kw, keep, dropout_p, g, names, square=True))
@@ -120,10 +123,10 @@ def test_plain(case, M, K, N, R):
     run_and_check(case, t, kw)
 
 
-@pytest.mark.parametrize("feature", ["no_bias", "rank_scale", "rank_mask", "out_scale", "all"])
+@pytest.mark.parametrize("feature", ["no_bias", "rank_scale", "rank_mask", "out_scale", "base_scale", "all"])
 def test_features(case, feature):
-    flags = {"rank_scale": feature in ("rank_scale", "all"), "rank_mask": feature in ("rank_mask", "all"),
-             "out_scale": feature in ("out_scale", "all"), "bias": feature != "no_bias"}
+    flags = {k: feature in (k, "all") for k in ("rank_scale", "rank_mask", "out_scale", "base_scale")}
+    flags["bias"] = feature != "no_bias"
     t, kw = make(case, 19, 37, 31, 8, **flags)
     run_and_check(case, t, dict(kw, scaling=0.75))
 
@@ -144,6 +147,35 @@ def test_leading_dims(case):
 def test_banks_adapter_index(case, dropout_p):
     t, kw = make(case, 29, 32, 24, 6, G=4, rank_scale=True, out_scale=True, rank_mask=True)
     run_and_check(case, t, kw, dropout_p=dropout_p)
+
+
+@pytest.mark.parametrize("M", [3, 70])
+def test_base_scale_with_dropout_and_banks(case, M):
+    """DoRA's shape of call: c scales the base path, v the adapter's; both trained."""
+    t, kw = make(case, M, 48, 40, 8, G=3, out_scale=True, base_scale=True)
+    run_and_check(case, t, kw, dropout_p=0.1)
+
+
+def test_deterministic_repeats_bitwise(case):
+    """deterministic=True: two calls give the same bits, forward and every gradient, in the
+    shapes where the native backends otherwise split sums across blocks (few rows and a long K;
+    many rows with banks, for the per-adapter reductions; small on a CPU, where the interpreter
+    runs the same code paths in its fixed configurations)."""
+    shapes = ((4, 2048, None), (300, 96, 3)) if case.device == "cuda" else ((4, 40, None), (37, 24, 3))
+    for M, K, G in shapes:
+        t, kw = make(case, M, K, 64, 8, G=G, rank_scale=True, out_scale=True, base_scale=True, seed=M)
+        runs = []
+        for _ in range(2):
+            leaves = {k: None if v is None else v.detach().clone().requires_grad_(k in GRAD_ARGS)
+                      for k, v in t.items()}
+            y = lorakern.lora_linear(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_A"],
+                                     leaves["lora_B"], rank_scale=leaves["rank_scale"], out_scale=leaves["out_scale"],
+                                     base_scale=leaves["base_scale"], dropout_p=0.1, seed=5, deterministic=True,
+                                     backend=case.backend, **kw)
+            y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y))
+            runs.append([y] + [leaves[k].grad for k in GRAD_ARGS if leaves[k] is not None])
+        for a, b in zip(*runs):
+            assert torch.equal(a, b)
 
 
 def test_banks_shared_vectors(case):

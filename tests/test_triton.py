@@ -268,11 +268,11 @@ def test_needs_frozen(env):
     y, q = lorakern.triton.forward(*args)
     g = torch.randn_like(y)
     x, w, _bias, A, B, *rest = args
-    bw = lambda needs: lorakern.triton.backward(g, x, w, A, B, *rest, q, needs)  # noqa: E731
+    bw = lambda needs: lorakern.triton.backward(g, x, w, A, B, *rest, None, q, needs)  # noqa: E731
     with poisoned():
-        full = bw((True,) * 7)
+        full = bw((True,) * 7 + (False,))  # no base_scale
     for i in range(7):
-        needs = tuple(j == i for j in range(7))
+        needs = tuple(j == i for j in range(8))
         with poisoned():
             one = bw(needs)
         assert all(o is None for j, o in enumerate(one) if j != i)

@@ -11,9 +11,9 @@ class DoRA(LoRA):
     """``y = m / ||W + s B A||_row * (x W^T + s x~ A^T B^T) + b``, the norm detached (as PEFT).
 
     LoRA's hyperparameters and initializations, plus ``magnitude [out]`` per layer, which starts
-    at the row norms of W. The bracket runs through the op; the ratio scales its output in
-    torch around it (the op has no base-path output scale yet), and training-time dropout
-    applies to the adapter path only (PEFT also feeds the dropped input to the base path).
+    at the row norms of W. One call of the op per layer: the ratio is its ``base_scale`` and
+    its ``out_scale``. Training-time dropout applies to the adapter path only (PEFT also feeds
+    the dropped input to the base path).
 
     >>> import torch
     >>> net = DoRA(r=4, target_modules=["0"]).apply(torch.nn.Sequential(torch.nn.Linear(16, 8)))

@@ -4,6 +4,11 @@ Forward: ``shrink`` (q, unless the GEMM computes it) + ``lora_fwd`` (y). Backwar
 (dt, g^T t, db; one read of g) + ``dx`` (g W + dq A, masked) + ``dA`` (dq^T x~); the per-rank
 and per-column reductions that remain (dB, dv, du: [G, N, Ra] at most) are small torch ops.
 Nothing here syncs with the host, so the op can be captured in a CUDA graph.
+
+``deterministic``: every sum in a fixed order. Atomics remain only where each element receives
+one add per program, issued in program order (the row-reduction kernel with one row slice);
+split-K / split-N passes and the atomics across row blocks (g-pass P and db, dx's fused dA) are
+turned off, and db comes from a torch column sum.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import torch
 import triton
 
 from lorakern import alloc
+from lorakern.reference import base_scale_grad
 from lorakern.triton import configs
 from lorakern.triton.backward import dA_kernel, dx_kernel, gpass_kernel
 from lorakern.triton.fused_gemm import lora_fwd_kernel
@@ -95,7 +101,7 @@ def _launch_opts(cfg: dict, dtype: torch.dtype) -> dict:
 
 
 def forward(x, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx, out_scale,
-            dropout_p, seed, adapter_index):
+            dropout_p, seed, adapter_index, base_scale=None, deterministic=False):
     """(y, q) per ARCHITECTURE.md: y [M, N] in x's dtype, q fp32 [M, Ra]."""
     _check(x)
     M, K = x.shape
@@ -111,6 +117,8 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, ran
     flags = ad.flags()
     if not cfg["FUSE_Q"]:
         sc = configs.shrink(M, K, ad.Ra, _sm_count(x.device), x.element_size())
+        if deterministic:
+            sc = {**sc, "SPLIT_K": 1}
         k_per = triton.cdiv(triton.cdiv(K, sc["SPLIT_K"]), sc["BK"]) * sc["BK"]
         split = triton.cdiv(K, k_per)
         if split > 1:
@@ -126,12 +134,14 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, ran
     grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]),)
     lora_fwd_kernel[grid](
         x, weight, bias if bias is not None else x, lora_A, lora_B, q, y, ptrs["RIDX"], ptrs["U"], ptrs["V"],
-        ptrs["SG"], ptrs["IDX"], ptrs["PERM"],
+        ptrs["SG"], ptrs["IDX"], ptrs["PERM"], base_scale if base_scale is not None else x,
         M, N, K, ad.Ra, ad.G, ad.scaling, p, 1.0 / (1.0 - p), seed,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), bias.stride(0) if bias is not None else 0,
         sAg, sAr, sAk, sBg, sBn, sBr, sUg, sUr, sVg, sVn, q.stride(0), y.stride(0), y.stride(1),
+        base_scale.stride(0) if base_scale is not None else 0,
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], RP=ad.RP, GROUP_M=cfg["GROUP_M"], FUSE_Q=cfg["FUSE_Q"],
-        DROPOUT=p > 0, HAS_BIAS=bias is not None, HAS_V=ad.v is not None, **flags, **_launch_opts(cfg, x.dtype))
+        DROPOUT=p > 0, HAS_BIAS=bias is not None, HAS_BS=base_scale is not None, HAS_V=ad.v is not None, **flags,
+        **_launch_opts(cfg, x.dtype))
     return y, q
 
 
@@ -165,11 +175,14 @@ def _dt_P_by_mm(g, q, ad: _Adapter, need_dt: bool, need_P: bool):
     return dt, P
 
 
-def _row_reduce(X, rowv, out, ad: _Adapter, ptrs: dict, flags: dict, p: float, seed: int) -> None:
+def _row_reduce(X, rowv, out, ad: _Adapter, ptrs: dict, flags: dict, p: float, seed: int,
+                deterministic: bool) -> None:
     """``out[g] += (rowv * s * u / (1 - p))^T (X * keep)`` over each adapter's rows (dA_kernel):
     dA from (x, dt); P^T = t^T g from (g, q) with p = 0. ``out`` is fp32 [G, Ra, X.shape[1]]."""
     M, K = X.shape
     cfg = configs.dA(M, K, ad.Ra, _sm_count(X.device), X.element_size())
+    if deterministic:
+        cfg = {**cfg, "SPLIT_M": 1}
     rows_per = triton.cdiv(triton.cdiv(M, cfg["SPLIT_M"]), cfg["BM"]) * cfg["BM"]
     sUg, sUr = _vec_strides(ad.u)
     dA_kernel[(triton.cdiv(K, cfg["BK"]), triton.cdiv(M, rows_per))](
@@ -180,10 +193,10 @@ def _row_reduce(X, rowv, out, ad: _Adapter, ptrs: dict, flags: dict, p: float, s
 
 
 def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx, out_scale,
-             dropout_p, seed, adapter_index, q, needs):
-    """(dx, dweight, dbias, dA, dB, drank_scale, dout_scale); None where ``needs`` says so."""
+             dropout_p, seed, adapter_index, base_scale, q, needs, deterministic=False):
+    """(dx, dweight, dbias, dA, dB, drank_scale, dout_scale, dbase_scale); None where ``needs`` says so."""
     _check(x)
-    n_x, n_w, n_b, n_A, n_B, n_u, n_v = needs
+    n_x, n_w, n_b, n_A, n_B, n_u, n_v, n_c = needs
     g = grad_y
     M, K = x.shape
     N = weight.shape[0]
@@ -199,6 +212,9 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, 
     f32 = torch.float32
     need_dt, need_P = n_x or n_A or n_u, n_B or n_v
     cfg = configs.gpass(M, N, ad.Ra, _sm_count(dev), x.element_size())
+    if deterministic:
+        cfg = {**cfg, "SPLIT_N": 1, "P_APART": True}
+    db_apart = n_b and deterministic
     p_apart = need_P and cfg["P_APART"]  # P^T = t^T g by the row-reduction kernel, not atomics here
     dt = P = db = None
     if cfg["CUBLAS"] and not ad.banked and (need_dt or need_P):
@@ -210,19 +226,19 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, 
         if need_dt:
             dt = (torch.zeros if split > 1 else alloc.empty)((M, ad.Ra), dtype=f32, device=dev)
         P = torch.zeros((ad.G, N, ad.Ra), dtype=f32, device=dev) if need_P and not p_apart else None
-        db = torch.zeros(N, dtype=f32, device=dev) if n_b else None
+        db = torch.zeros(N, dtype=f32, device=dev) if n_b and not db_apart else None
         gpass_kernel[(triton.cdiv(M, cfg["BM"]), split)](
             g, lora_B, ptrs["V"], q, dt if dt is not None else q, P if P is not None else q,
             db if db is not None else q, ptrs["RIDX"], ptrs["U"], ptrs["SG"], ptrs["IDX"], ptrs["PERM"],
             M, N, ad.Ra, ad.G, ad.scaling, n_per,
             g.stride(0), g.stride(1), sBg, sBn, sBr, sUg, sUr, sVg, sVn, q.stride(0), ad.Ra,
-            BM=cfg["BM"], BN=cfg["BN"], RP=ad.RP, NEED_DT=need_dt, NEED_P=P is not None, NEED_DB=n_b,
+            BM=cfg["BM"], BN=cfg["BN"], RP=ad.RP, NEED_DT=need_dt, NEED_P=P is not None, NEED_DB=db is not None,
             ATOMIC_DT=split > 1, HAS_V=ad.v is not None, **flags, **_launch_opts(cfg, x.dtype))
-    elif n_b:
+    if n_b and db is None:
         db = g.sum(0, dtype=f32)
     if p_apart:
         PT = torch.zeros((ad.G, ad.Ra, N), dtype=f32, device=dev)
-        _row_reduce(g, q, PT, ad, ptrs, flags, 0.0, 0)
+        _row_reduce(g, q, PT, ad, ptrs, flags, 0.0, 0, deterministic)
         P = PT.transpose(1, 2)
 
     dx = da_buf = None
@@ -231,21 +247,24 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, 
     fuse_da = False
     if n_x:
         cfg = configs.dx(M, N, K, ad.Ra, p > 0, x.element_size())
-        fuse_da = n_A and cfg["FUSE_DA"]
+        fuse_da = n_A and cfg["FUSE_DA"] and not deterministic
         dx = alloc.empty((M, K), dtype=x.dtype, device=dev)
         grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(K, cfg["BK"]),)
         dx_kernel[grid](
             g, weight, lora_A, dt, dx, x, da_buf if fuse_da else dt, ptrs["RIDX"], ptrs["U"], ptrs["SG"],
-            ptrs["IDX"], ptrs["PERM"], M, N, K, ad.Ra, ad.G, ad.scaling, p, seed,
+            ptrs["IDX"], ptrs["PERM"], base_scale if base_scale is not None else g,
+            M, N, K, ad.Ra, ad.G, ad.scaling, p, seed,
             g.stride(0), g.stride(1), weight.stride(0), weight.stride(1), sAg, sAr, sAk, sUg, sUr,
             dt.stride(0), dx.stride(0), dx.stride(1), x.stride(0), x.stride(1),
+            base_scale.stride(0) if base_scale is not None else 0,
             BM=cfg["BM"], BK=cfg["BK"], BN=cfg["BN"], RP=ad.RP, GROUP_M=cfg["GROUP_M"], FUSE_DA=fuse_da,
+            HAS_BS=base_scale is not None,
             DROPOUT=p > 0, **flags, **_launch_opts(cfg, x.dtype))
 
     dA = None
     if n_A:
         if not fuse_da:
-            _row_reduce(x, dt, da_buf, ad, ptrs, flags, p, seed)
+            _row_reduce(x, dt, da_buf, ad, ptrs, flags, p, seed, deterministic)
         dA = _scatter_ranks(da_buf, lora_A, ad.ridx, lora_A.dim() - 2)
 
     dB = dv = None
@@ -263,14 +282,16 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, 
         contrib = dt * q
         if ad.banked:
             a = ad.idx
-            a = torch.where((a >= 0) & (a < ad.G), a, 0)
-            per_g = torch.zeros((ad.G, ad.Ra), dtype=f32, device=dev).index_add_(0, a, contrib)
+            a = torch.where((a >= 0) & (a < ad.G), a, 0)  # rows without an adapter have contrib 0
+            rows_of = torch.zeros((ad.G, M), dtype=f32, device=dev).scatter_(0, a[None], 1.0)
+            per_g = rows_of @ contrib  # a GEMM, not index_add_'s atomics: a fixed summation order
             per_g = per_g * (ad.sg[:, None] if ad.sg is not None else ad.scaling)
         else:
             per_g = contrib.sum(0, keepdim=True) * ad.scaling
         per_g = _per_adapter(per_g, rank_scale)
         du = _scatter_ranks(per_g, rank_scale, ad.ridx, rank_scale.dim() - 1)
 
-    dW = torch.mm(g.t(), x) if n_w else None
+    dW = torch.mm((g if base_scale is None else g * base_scale).t(), x) if n_w else None
     db = db.to(x.dtype) if db is not None else None
-    return dx, dW, db, dA, dB, du, dv
+    dc = base_scale_grad(g, x, weight).to(base_scale.dtype) if n_c else None
+    return dx, dW, db, dA, dB, du, dv, dc

@@ -96,14 +96,15 @@ def gpass_kernel(
 
 @triton.jit
 def dx_kernel(
-    GY, W, A, DT, DX, X, DA, RIDX, U, SG, IDX, PERM,
+    GY, W, A, DT, DX, X, DA, RIDX, U, SG, IDX, PERM, BS,
     M, N, K, Ra, G, scaling, p, seed,
-    sgm, sgn, swn, swk, sAg, sAr, sAk, sUg, sUr, sdtm, sdxm, sdxk, sxm, sxk,
+    sgm, sgn, swn, swk, sAg, sAr, sAk, sUg, sUr, sdtm, sdxm, sdxk, sxm, sxk, sbs,
     BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr, GROUP_M: tl.constexpr,
-    FUSE_DA: tl.constexpr, DROPOUT: tl.constexpr, HAS_RIDX: tl.constexpr, HAS_U: tl.constexpr,
+    FUSE_DA: tl.constexpr, HAS_BS: tl.constexpr, DROPOUT: tl.constexpr, HAS_RIDX: tl.constexpr, HAS_U: tl.constexpr,
     HAS_SG: tl.constexpr, BANKED: tl.constexpr, HAS_PERM: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    # Program: one [BM, BK] tile of dx = g W, the inner loop over N in BN steps; then the
+    # Program: one [BM, BK] tile of dx = (g * c) W (c: the base scale, HAS_BS), the inner loop
+    # over N in BN steps; then the
     # adapter part (dq A) [BM, BK] per adapter in the tile, times keep / (1 - p) (the 1 / (1 - p)
     # is in dq), added in the epilogue. Registers: the fp32 accumulator [BM, BK] (and a second
     # one for the adapter part with dropout, so configurations halve BK then), one g tile
@@ -124,6 +125,9 @@ def dx_kernel(
     for n0 in range(0, N, BN):
         nmask = rn + n0 < N
         gt = tl.load(g_ptrs, mask=mmask[:, None] & nmask[None, :], other=0.0)
+        if HAS_BS:
+            c = tl.load(BS + (rn + n0).to(tl.int64) * sbs, mask=nmask, other=0.0).to(tl.float32)
+            gt = (gt.to(tl.float32) * c[None, :]).to(GY.dtype.element_ty)
         w = tl.load(w_ptrs, mask=nmask[:, None] & kmask[None, :], other=0.0)
         acc = tl.dot(gt, w, acc, input_precision=DOT_PREC)
         g_ptrs += BN * sgn

@@ -1,5 +1,8 @@
 """Forward GEMM over the concatenated inner dimension: ``y = [x | t] . [W | v*B]^T + b``.
 
+With a base scale c [N] the accumulator is multiplied by c between the K loop and the adapter
+steps, so ``y = c * (x W^T) + t (v*B)^T + b`` still takes one pass.
+
 The K loop runs over x / W tiles; the adapter adds one more inner step per adapter present in
 the tile, reading t (from q, scaled by s * u per row) and B (scaled by v) from their own
 pointers: the concatenation is never materialised and y is written once. With ``FUSE_Q`` the K
@@ -26,11 +29,11 @@ def grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def lora_fwd_kernel(
-    X, W, BIAS, A, B, Q, Y, RIDX, U, V, SG, IDX, PERM,
+    X, W, BIAS, A, B, Q, Y, RIDX, U, V, SG, IDX, PERM, BS,
     M, N, K, Ra, G, scaling, p, inv_keep, seed,
-    sxm, sxk, swn, swk, sbias, sAg, sAr, sAk, sBg, sBn, sBr, sUg, sUr, sVg, sVn, sqm, sym, syn,
+    sxm, sxk, swn, swk, sbias, sAg, sAr, sAk, sBg, sBn, sBr, sUg, sUr, sVg, sVn, sqm, sym, syn, sbs,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, GROUP_M: tl.constexpr,
-    FUSE_Q: tl.constexpr, DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RIDX: tl.constexpr,
+    FUSE_Q: tl.constexpr, DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BS: tl.constexpr, HAS_RIDX: tl.constexpr,
     HAS_U: tl.constexpr, HAS_V: tl.constexpr, HAS_SG: tl.constexpr, BANKED: tl.constexpr,
     HAS_PERM: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -64,6 +67,8 @@ def lora_fwd_kernel(
             a_ptrs += BK * sAk
         x_ptrs += BK * sxk
         w_ptrs += BK * swk
+    if HAS_BS:
+        acc = acc * tl.load(BS + rn64 * sbs, mask=nmask, other=0.0).to(tl.float32)[None, :]
     qmask = mmask[:, None] & rmask[None, :]
     q_ptrs = Q + rows[:, None] * sqm + rr[None, :]
     if FUSE_Q:
