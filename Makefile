@@ -33,7 +33,7 @@ test-interpret: $(STAMP)
 
 # On a GPU machine whose system python already has torch, triton and the test packages:
 # no venv, no installs.
-gpu-check:
+gpu-check:  # the gpu tier only; bash bench/gpu_run.sh runs it in parallel shards plus the benchmark
 	PYTHONPATH=$(CURDIR) $(PYTHON) -m pytest -q -m "gpu" tests
 
 # the CPU benchmark suite with its gates, then lorakern bench --quick on the best device here
