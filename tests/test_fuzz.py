@@ -22,6 +22,8 @@ SPEC = st.fixed_dictionaries({
     "bias": st.booleans(),
     "rank_scale": st.sampled_from([None, "shared", "per_adapter"]),
     "out_scale": st.sampled_from([None, "shared", "per_adapter"]),
+    "base_scale": st.booleans(),
+    "deterministic": st.booleans(),
     "rank_mask": st.sampled_from([None, "shared", "per_adapter"]),
     "dropout_p": st.sampled_from([0.0, 0.0, 0.1, 0.6]),
     "strided_x": st.booleans(),
@@ -56,7 +58,8 @@ def build(case, spec):
         return rnd(*shape) + 1.5
 
     t = {"x": x, "weight": rnd(N, K, scale=K ** -0.5), "bias": rnd(N) if spec["bias"] else None,
-         "lora_A": A, "lora_B": B, "rank_scale": vec(spec["rank_scale"], R), "out_scale": vec(spec["out_scale"], N)}
+         "lora_A": A, "lora_B": B, "rank_scale": vec(spec["rank_scale"], R), "out_scale": vec(spec["out_scale"], N),
+         "base_scale": rnd(N) + 1.5 if spec.get("base_scale") else None}
     kw = {}
     if spec["rank_mask"] is not None:
         shape = (G, R) if spec["rank_mask"] == "per_adapter" and G is not None else (R,)
@@ -71,7 +74,8 @@ def build(case, spec):
 
 def check(case, spec):
     t, kw = build(case, spec)
-    run_and_check(case, t, kw, dropout_p=spec["dropout_p"], seed=spec["seed"])
+    run_and_check(case, t, kw, dropout_p=spec["dropout_p"], seed=spec["seed"],
+                  deterministic=spec.get("deterministic", False))
 
 
 # explicit regressions: kept whatever hypothesis draws next

@@ -81,7 +81,7 @@ def make(case, M, K, N, R, *, G=None, bias=True, rank_scale=False, rank_mask=Fal
     return t, kw
 
 
-def run_and_check(case, t, kw, *, dropout_p=0.0, seed=123, grads=True):
+def run_and_check(case, t, kw, *, dropout_p=0.0, seed=123, grads=True, deterministic=False):
     """Run the op (outputs poisoned), compare forward and every gradient with the oracle."""
     x = t["x"]
     M = x.numel() // x.shape[-1]
@@ -94,7 +94,7 @@ def run_and_check(case, t, kw, *, dropout_p=0.0, seed=123, grads=True):
         y = lorakern.lora_linear(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_A"], leaves["lora_B"],
                                  rank_scale=leaves["rank_scale"], out_scale=leaves["out_scale"],
                                  base_scale=leaves.get("base_scale"), dropout_p=dropout_p, seed=seed,
-                                 backend=case.backend, **kw)
+                                 deterministic=deterministic, backend=case.backend, **kw)
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y) if grads else None
     names = [k for k in GRAD_ARGS if grads and t.get(k) is not None]
     y_ref, want = _oracle(t, kw, keep, dropout_p, g, names)
