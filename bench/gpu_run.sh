@@ -34,7 +34,8 @@ if [ "$WHAT" != bench ]; then
     declare -A SHARDS=(
         [op-bf16]="tests/test_op.py -k bfloat16" [op-fp16]="tests/test_op.py -k 'float16 and not bfloat16'"
         [op-fp32]="tests/test_op.py -k float32" [robustness]="tests/test_robustness.py"
-        [triton]="tests/test_triton.py" [cuda]="tests/test_cuda.py" [fuzz]="tests/test_fuzz.py"
+        [triton]="tests/test_triton.py" [cuda]="tests/test_cuda.py" [fuzz-torch]="tests/test_fuzz.py -k torch"
+        [fuzz-triton]="tests/test_fuzz.py -k triton" [fuzz-cuda]="tests/test_fuzz.py -k 'not torch and not triton'"
     )
     for s in "${!SHARDS[@]}"; do ( eval "$P ${SHARDS[$s]}" >"$OUT/pytest-$s.log" 2>&1; echo $? >"$OUT/rc-$s" ) & done
     timeout "$SHARD_TIMEOUT" compute-sanitizer --tool memcheck --target-processes all --print-limit 20 \

@@ -209,8 +209,7 @@ def _qdtype(x: torch.Tensor) -> torch.dtype:
 
 
 
-@torch.library.custom_op("lorakern::lora_linear_fwd", mutates_args=())
-def _fwd(
+def _forward_impl(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
     lora_B: torch.Tensor, scaling: float, scaling_g: Optional[torch.Tensor],
     rank_scale: Optional[torch.Tensor], rank_idx: Optional[torch.Tensor],
@@ -227,6 +226,9 @@ def _fwd(
     )
 
 
+_fwd = torch.library.custom_op("lorakern::lora_linear_fwd", mutates_args=())(_forward_impl)
+
+
 @_fwd.register_fake
 def _fwd_fake(x, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx, out_scale,
               dropout_p, seed, adapter_index, base_scale, backend, deterministic):
@@ -236,8 +238,7 @@ def _fwd_fake(x, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, r
     return y, q
 
 
-@torch.library.custom_op("lorakern::lora_linear_bwd", mutates_args=())
-def _bwd(
+def _backward_impl(
     grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
     lora_B: torch.Tensor, scaling: float, scaling_g: Optional[torch.Tensor],
     rank_scale: Optional[torch.Tensor], rank_idx: Optional[torch.Tensor],
@@ -254,6 +255,9 @@ def _bwd(
         )
     # custom ops return tensors only: an empty tensor stands for "not computed"
     return [g if g is not None else x.new_empty(0) for g in grads]
+
+
+_bwd = torch.library.custom_op("lorakern::lora_linear_bwd", mutates_args=())(_backward_impl)
 
 
 def _grad_likes(x, weight, A, B, rank_scale, out_scale, base_scale):
@@ -291,13 +295,35 @@ def _backward(ctx, grad_y, grad_q):
     needs = ctx.needs
     if not any(needs):
         return (None,) * 16
-    grads = _bwd(grad_y.contiguous(), x, weight, A, B, scaling, scaling_g, rank_scale, rank_idx, out_scale,
-                 p, seed, adapter_index, base_scale, q, needs, backend, deterministic)
+    bwd = _backward_impl if getattr(ctx, "direct", False) else _bwd
+    grads = bwd(grad_y.contiguous(), x, weight, A, B, scaling, scaling_g, rank_scale, rank_idx, out_scale,
+                p, seed, adapter_index, base_scale, q, needs, backend, deterministic)
     dx, dw, db, dA, dB, drs, dv, dbs = (g if n else None for g, n in zip(grads, needs))
     return dx, dw, db, dA, dB, None, None, drs, None, dv, None, None, None, dbs, None, None
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _Direct(torch.autograd.Function):
+    """The eager path: the registered op's forward, context and backward, called without the
+    custom-op dispatcher (whose argument handling costs more than a small layer's kernels).
+    ``lora_linear`` takes it outside torch.compile for plain tensors; the registered op serves
+    torch.compile, fake and subclass tensors."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        y, q = _forward_impl(*inputs)
+        ctx.direct = True
+        _setup_context(ctx, inputs, (y, q))
+        return y, q
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_q):
+        return _backward(ctx, grad_y, grad_q)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 # --------------------------------------------------------------------------- the public entry point
@@ -380,6 +406,8 @@ def lora_linear(
     x2 = x.reshape(M, K)
     if adapter_index is not None:
         adapter_index = adapter_index.to(torch.int64)
-    y, _ = _fwd(x2, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx, out_scale,
-                dropout_p, seed_t, adapter_index, base_scale, name, deterministic)
+    direct = not torch.compiler.is_compiling() and all(type(t) in _PLAIN for t in (x2, weight, lora_A, lora_B))
+    y, _ = (_Direct.apply if direct else _fwd)(x2, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale,
+                                               rank_idx, out_scale, dropout_p, seed_t, adapter_index, base_scale,
+                                               name, deterministic)
     return y if x.dim() == 2 else y.reshape(*lead, N)
