@@ -215,9 +215,10 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, 
     if deterministic:
         cfg = {**cfg, "SPLIT_N": 1, "P_APART": True}
     db_apart = n_b and deterministic
-    p_apart = need_P and cfg["P_APART"]  # P^T = t^T g by the row-reduction kernel, not atomics here
+    cublas = cfg["CUBLAS"] and not ad.banked  # dt and P by cuBLAS: no atomics either
+    p_apart = need_P and cfg["P_APART"] and not cublas  # P^T = t^T g by the row-reduction kernel
     dt = P = db = None
-    if cfg["CUBLAS"] and not ad.banked and (need_dt or need_P):
+    if cublas and (need_dt or need_P):
         dt, P = _dt_P_by_mm(g, q, ad, need_dt, need_P)
         db = g.sum(0, dtype=f32) if n_b else None
     elif need_dt or (need_P and not p_apart):
