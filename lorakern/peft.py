@@ -10,9 +10,11 @@ active adapters and ``adapter_names`` mixed batches keep working. Only ``forward
 >>> lorakern.peft.patch(model)          # these layers, in place; returns how many  # doctest: +SKIP
 >>> lorakern.peft.enable()              # or: every PEFT LoRA Linear, present and future  # doctest: +SKIP
 
-A call that cannot be fused runs PEFT's own forward and says why in a debug log line
-(``logging.getLogger("lorakern.peft").setLevel(logging.DEBUG)``): DoRA and the other LoRA
-variants, ``lora_bias``, quantized or hooked base layers, dropout modules other than
+DoRA (one active adapter, without dropout or in eval) is fused too: PEFT's own weight norm (its
+cache included) gives the ratio ``m / ||W + s B A||``, which enters the op as ``base_scale`` and
+``out_scale``. A call that cannot be fused runs PEFT's own forward and says why in a debug log
+line (``logging.getLogger("lorakern.peft").setLevel(logging.DEBUG)``): DoRA with dropout in
+training (PEFT feeds the dropped input to the base path too), other LoRA variants, ``lora_bias``, quantized or hooked base layers, dropout modules other than
 ``nn.Dropout``, several active adapters with dropout, extra forward arguments, tensors of
 several dtypes outside autocast (PEFT computes the adapter branch in the adapters' dtype; the
 op computes everything in one dtype, so it fuses there only under autocast, which casts
@@ -78,10 +80,26 @@ def _dropout_p(module: nn.Module) -> Optional[float]:
     return None
 
 
+def _is_dora(layer: PeftLoraLinear, name: str) -> bool:
+    variant = getattr(layer, "lora_variant", {}).get(name)
+    return getattr(layer, "use_dora", {}).get(name, False) and (
+        variant is None or type(variant).__name__ == "DoraLinearVariant")
+
+
+def _dora_ratio(layer: PeftLoraLinear, name: str, x: torch.Tensor, scaling: float) -> torch.Tensor:
+    """DoRA's ``m / ||W + s B A||_row`` (the norm detached), computed by PEFT's DoRA layer as its forward does."""
+    dora = layer.lora_magnitude_vector[name]
+    lora_weight = dora.get_lora_weight(lora_A=layer.lora_A[name], lora_B=layer.lora_B[name], adapter_name=name)
+    norm = dora.get_weight_norm(weight=layer.get_base_layer().weight.to(x.dtype),
+                                lora_weight=lora_weight.to(x.dtype).detach(), scaling=scaling, adapter_name=name)
+    return (dora.weight / norm.detach()).to(x.dtype)
+
+
 def _adapter(layer: PeftLoraLinear, name: str, x: torch.Tensor) -> tuple[Any, str]:
-    """``((A, B, scaling, p), "")`` for adapter ``name`` of ``layer``, or ``(None, reason)``."""
-    if name in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(name, False):
-        return None, f"adapter {name!r} is a LoRA variant (DoRA, ...)"
+    """``((A, B, scaling, p, dora), "")`` for adapter ``name`` of ``layer``, or ``(None, reason)``."""
+    dora = _is_dora(layer, name)
+    if name in getattr(layer, "lora_variant", {}) and not dora:
+        return None, f"adapter {name!r} is a LoRA variant other than DoRA"
     if getattr(layer, "lora_bias", {}).get(name, False):
         return None, f"adapter {name!r} has lora_bias"
     a, b, drop = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
@@ -92,10 +110,12 @@ def _adapter(layer: PeftLoraLinear, name: str, x: torch.Tensor) -> tuple[Any, st
     p = _dropout_p(drop)
     if p is None:
         return None, f"adapter {name!r} has dropout module {type(drop).__name__}"
+    if dora and p > 0 and layer.training:
+        return None, f"DoRA adapter {name!r} with dropout in training (PEFT drops the base path's input too)"
     A, B = a.weight, b.weight
     if A.device != x.device or B.device != x.device:
         return None, f"adapter {name!r} is on {A.device}, x on {x.device}"
-    return (A, B, float(layer.scaling[name]), p), ""
+    return (A, B, float(layer.scaling[name]), p, dora), ""
 
 
 def _one_dtype(x: torch.Tensor, tensors) -> bool:
@@ -130,12 +150,18 @@ def _fused(layer: PeftLoraLinear, x: torch.Tensor, args: tuple, kwargs: dict) ->
         if ad is None:
             return None, why
         adapters.append(ad)
-    As, Bs, scalings, ps = zip(*adapters)
-    if not _one_dtype(x, (weight, *As, *Bs)):
-        dts = sorted({str(t.dtype)[6:] for t in (x, weight, *As, *Bs)})
+    As, Bs, scalings, ps, doras = zip(*adapters)
+    if any(doras) and (len(adapters) > 1 or adapter_names is not None):
+        return None, "DoRA with several adapters in one call"
+    mags = [layer.lora_magnitude_vector[n].weight for n, d in zip(names, doras) if d]
+    if not _one_dtype(x, (weight, *As, *Bs, *mags)):
+        dts = sorted({str(t.dtype)[6:] for t in (x, weight, *As, *Bs, *mags)})
         return None, f"several dtypes ({', '.join(dts)}) outside autocast"
     if adapter_names is not None:
         return _mixed_batch(x, weight, bias, names, As, Bs, scalings, ps, adapter_names)
+    if doras[0]:
+        ratio = _dora_ratio(layer, names[0], x, scalings[0])
+        return lora_linear(x, weight, bias, As[0], Bs[0], scaling=scalings[0], base_scale=ratio, out_scale=ratio), ""
     if len(adapters) == 1:
         return lora_linear(x, weight, bias, As[0], Bs[0], scaling=scalings[0], dropout_p=ps[0]), ""
     if any(ps):

@@ -324,12 +324,40 @@ def test_patch_rejects_a_non_module():
 # --------------------------------------------------------------------------- fallbacks and dtypes
 
 
-def test_dora_falls_back_to_peft_visibly(fused, caplog):
+def test_dora_fused_with_peft_parity_over_3_adamw_steps(fused, caplog):
+    """PEFT's DoRA through one op call per layer: the same losses and gradients (magnitudes too)."""
     stock, patched = stock_and_patched(llama(use_dora=True))
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (stock, patched)]
+    for step in range(3):
+        ids = counting(step)
+        losses, grads = [], []
+        for m, opt in zip((stock, patched), opts):
+            opt.zero_grad()
+            loss = m(input_ids=ids, labels=ids).loss
+            loss.backward()
+            losses.append(loss.detach())
+            grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+        assert rel(losses[1], losses[0]) <= 1e-5, (step, losses)
+        assert len(grads[0]) == 3 * 7 * LAYERS and any("magnitude" in n for n in grads[0])
+        for name, g in grads[0].items():
+            assert rel(grads[1][name], g) <= 1e-4, (step, name)
+        for opt in opts:
+            opt.step()
+    assert len(fused) == 3 * 7 * LAYERS and not fallback_reasons(caplog)
+    assert all(kw.get("base_scale") is not None and kw.get("out_scale") is kw.get("base_scale") for kw in fused)
+
+
+def test_dora_with_dropout_falls_back_in_training_and_fuses_in_eval(fused, caplog):
+    stock, patched = stock_and_patched(llama(use_dora=True, lora_dropout=0.1))
     ids = tokens(8)
+    patched.train()
+    torch.manual_seed(0)
+    patched(input_ids=ids)
+    assert not fused and any("DoRA" in r and "dropout" in r for r in fallback_reasons(caplog))
+    stock.eval()
+    patched.eval()
     assert rel(logits(patched, ids), logits(stock, ids)) <= 1e-6
-    assert not fused
-    assert any("variant" in r for r in fallback_reasons(caplog))
+    assert len(fused) == 7 * LAYERS
 
 
 def test_bf16_base_fp32_adapters_fall_back_outside_autocast_and_fuse_under_it(fused, caplog):
