@@ -170,16 +170,19 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, ran
     return y, q
 
 
-def _adapter_grads(g, xk, q, A, B, s, u, v, inv, needs_A, needs_B, needs_u, needs_v):
+def _adapter_grads(g, xk, q, A, B, s, u, v, inv, needs_x, needs_A, needs_B, needs_u, needs_v):
     """Gradients of one adapter over its rows: (dq / (1-p), dA, dB, du, dv) over the active ranks.
 
     ``xk`` is x times the keep-mask, unscaled; ``inv`` = 1 / (1 - p) is folded into dq instead.
+    dt = g (v B) is computed only for what needs it (dx, dA, du).
     """
     f = _rank_factor(s, u)
     t = q * f
-    Bv = B if v is None else B * v[:, None]
-    dt = torch.mm(g, Bv.to(g.dtype)).to(q.dtype)
-    dqk = dt * (f * inv)
+    dt = dqk = None
+    if needs_x or needs_A or needs_u:
+        Bv = B if v is None else B * v[:, None]
+        dt = torch.mm(g, Bv.to(g.dtype)).to(q.dtype)
+        dqk = dt * (f * inv)
     dA = torch.mm(dqk.T.to(xk.dtype), xk) if needs_A else None
     dB = dv = None
     if needs_B or needs_v:
@@ -220,7 +223,7 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, 
         Ag, Bg = (A, B) if gi is None else (A[gi], B[gi])
         sub = (lambda t: t) if rows is None else (lambda t: t[rows])  # noqa: E731
         dqk, dAg, dBg, dug, dvg = _adapter_grads(sub(g), sub(xk), sub(q), Ag, Bg, s, ug, vg, inv,
-                                                 n_A, n_B, n_u, n_v)
+                                                 n_x, n_A, n_B, n_u, n_v)
         at = lambda t: t if gi is None else t[gi]  # noqa: E731
         if dAg is not None:
             at(dA).index_copy_(0, ridx, dAg.to(dA.dtype))

@@ -81,14 +81,14 @@ def make(case, M, K, N, R, *, G=None, bias=True, rank_scale=False, rank_mask=Fal
     return t, kw
 
 
-def run_and_check(case, t, kw, *, dropout_p=0.0, seed=123, grads=True, deterministic=False):
-    """Run the op (outputs poisoned), compare forward and every gradient with the oracle."""
+def run_and_check(case, t, kw, *, dropout_p=0.0, seed=123, grads=True, deterministic=False, grad_args=GRAD_ARGS):
+    """Run the op (outputs poisoned), compare forward and every gradient (of ``grad_args``) with the oracle."""
     x = t["x"]
     M = x.numel() // x.shape[-1]
     keep = None
     if dropout_p > 0:
         keep = get_backend(case.backend).dropout_keep(seed, M, x.shape[-1], dropout_p, x.device)
-    leaves = {k: v.detach().clone().requires_grad_(grads and k in GRAD_ARGS) if v is not None else None
+    leaves = {k: v.detach().clone().requires_grad_(grads and k in grad_args) if v is not None else None
               for k, v in t.items()}
     with poisoned():
         y = lorakern.lora_linear(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_A"], leaves["lora_B"],
@@ -96,7 +96,7 @@ def run_and_check(case, t, kw, *, dropout_p=0.0, seed=123, grads=True, determini
                                  base_scale=leaves.get("base_scale"), dropout_p=dropout_p, seed=seed,
                                  deterministic=deterministic, backend=case.backend, **kw)
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y) if grads else None
-    names = [k for k in GRAD_ARGS if grads and t.get(k) is not None]
+    names = [k for k in grad_args if grads and t.get(k) is not None]
     y_ref, want = _oracle(t, kw, keep, dropout_p, g, names)
     y_rss, want_rss = (z.sqrt() if torch.is_tensor(z) else tuple(w.sqrt() for w in z)
                        for z in _oracle(t, kw, keep, dropout_p, g, names, square=True))
@@ -154,6 +154,15 @@ def test_base_scale_with_dropout_and_banks(case, M):
     """DoRA's shape of call: c scales the base path, v the adapter's; both trained."""
     t, kw = make(case, M, 48, 40, 8, G=3, out_scale=True, base_scale=True)
     run_and_check(case, t, kw, dropout_p=0.1)
+
+
+@pytest.mark.parametrize("G", [None, 3])
+def test_each_gradient_alone(case, G):
+    """Only one input requires grad: the backend computes that gradient alone (its ``needs``
+    flags), and it equals the oracle's."""
+    t, kw = make(case, 21, 40, 24, 6, G=G, rank_scale=True, out_scale=True, base_scale=True, rank_mask=True)
+    for name in GRAD_ARGS:
+        run_and_check(case, t, kw, dropout_p=0.2, grad_args=(name,))
 
 
 def test_deterministic_repeats_bitwise(case):
