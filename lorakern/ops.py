@@ -95,7 +95,7 @@ def _check_vector(name: str, t, length: int, banked: bool, G: int, like: torch.T
 
 
 def _check_args(x, weight, bias, A, B, scaling, rank_scale, rank_mask, out_scale, dropout_p, adapter_index,
-                base_scale=None):
+                base_scale):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOATS:

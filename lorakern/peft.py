@@ -14,12 +14,13 @@ DoRA (one active adapter, without dropout or in eval) is fused too: PEFT's own w
 cache included) gives the ratio ``m / ||W + s B A||``, which enters the op as ``base_scale`` and
 ``out_scale``. A call that cannot be fused runs PEFT's own forward and says why in a debug log
 line (``logging.getLogger("lorakern.peft").setLevel(logging.DEBUG)``): DoRA with dropout in
-training (PEFT feeds the dropped input to the base path too), other LoRA variants, ``lora_bias``, quantized or hooked base layers, dropout modules other than
-``nn.Dropout``, several active adapters with dropout, extra forward arguments, tensors of
-several dtypes outside autocast (PEFT computes the adapter branch in the adapters' dtype; the
-op computes everything in one dtype, so it fuses there only under autocast, which casts
-everything as it would for PEFT), merged or disabled adapters (the base alone runs then).
-GPT-2's ``Conv1D`` base layers (``fan_in_fan_out``) are fused exactly, through a transposed view.
+training (PEFT feeds the dropped input to the base path too), other LoRA variants,
+``lora_bias``, quantized or hooked base layers, dropout modules other than ``nn.Dropout``,
+several active adapters with dropout, extra forward arguments, tensors of several dtypes outside
+autocast (PEFT computes the adapter branch in the adapters' dtype; the op computes everything in
+one dtype, so it fuses there only under autocast, which casts everything as it would for PEFT),
+merged or disabled adapters (the base alone runs then). GPT-2's ``Conv1D`` base layers
+(``fan_in_fan_out``) are fused exactly, through a transposed view.
 """
 from __future__ import annotations
 

@@ -208,7 +208,8 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, 
     n_x, n_w, n_b, n_A, n_B, n_u, n_v, n_c = needs
     g = grad_y
     dc = base_scale_grad(g, x, weight).to(base_scale.dtype) if n_c else None
-    gc = g * base_scale if base_scale is not None and (n_x or n_w) else g  # the base path's upstream gradient
+    # the base path's upstream gradient
+    gc = g * base_scale if base_scale is not None and (n_x or n_w) else g
     xk, keep, inv = _kept(x, dropout_p, seed)
     A, B, u = _pick_ranks(lora_A, lora_B, rank_scale, rank_idx)
     zeros = lambda t, n, dt=None: torch.zeros(t.shape, dtype=dt or t.dtype, device=t.device) if n else None  # noqa: E731

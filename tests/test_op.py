@@ -81,6 +81,15 @@ def make(case, M, K, N, R, *, G=None, bias=True, rank_scale=False, rank_mask=Fal
     return t, kw
 
 
+def call_op(case, t, kw, *, grad_args=GRAD_ARGS, **opts):
+    """The op on fresh leaf copies of ``t`` (those named in ``grad_args`` require grad): (y, leaves)."""
+    leaves = {k: None if v is None else v.detach().clone().requires_grad_(k in grad_args) for k, v in t.items()}
+    y = lorakern.lora_linear(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_A"], leaves["lora_B"],
+                             rank_scale=leaves["rank_scale"], out_scale=leaves["out_scale"],
+                             base_scale=leaves.get("base_scale"), backend=case.backend, **opts, **kw)
+    return y, leaves
+
+
 def run_and_check(case, t, kw, *, dropout_p=0.0, seed=123, grads=True, deterministic=False, grad_args=GRAD_ARGS):
     """Run the op (outputs poisoned), compare forward and every gradient (of ``grad_args``) with the oracle."""
     x = t["x"]
@@ -88,13 +97,9 @@ def run_and_check(case, t, kw, *, dropout_p=0.0, seed=123, grads=True, determini
     keep = None
     if dropout_p > 0:
         keep = get_backend(case.backend).dropout_keep(seed, M, x.shape[-1], dropout_p, x.device)
-    leaves = {k: v.detach().clone().requires_grad_(grads and k in grad_args) if v is not None else None
-              for k, v in t.items()}
     with poisoned():
-        y = lorakern.lora_linear(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_A"], leaves["lora_B"],
-                                 rank_scale=leaves["rank_scale"], out_scale=leaves["out_scale"],
-                                 base_scale=leaves.get("base_scale"), dropout_p=dropout_p, seed=seed,
-                                 deterministic=deterministic, backend=case.backend, **kw)
+        y, leaves = call_op(case, t, kw, grad_args=grad_args if grads else (), dropout_p=dropout_p, seed=seed,
+                            deterministic=deterministic)
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y) if grads else None
     names = [k for k in grad_args if grads and t.get(k) is not None]
     y_ref, want = _oracle(t, kw, keep, dropout_p, g, names)
@@ -175,12 +180,7 @@ def test_deterministic_repeats_bitwise(case):
         t, kw = make(case, M, K, 64, 8, G=G, rank_scale=True, out_scale=True, base_scale=True, seed=M)
         runs = []
         for _ in range(2):
-            leaves = {k: None if v is None else v.detach().clone().requires_grad_(k in GRAD_ARGS)
-                      for k, v in t.items()}
-            y = lorakern.lora_linear(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_A"],
-                                     leaves["lora_B"], rank_scale=leaves["rank_scale"], out_scale=leaves["out_scale"],
-                                     base_scale=leaves["base_scale"], dropout_p=0.1, seed=5, deterministic=True,
-                                     backend=case.backend, **kw)
+            y, leaves = call_op(case, t, kw, dropout_p=0.1, seed=5, deterministic=True)
             y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y))
             runs.append([y] + [leaves[k].grad for k in GRAD_ARGS if leaves[k] is not None])
         for a, b in zip(*runs):

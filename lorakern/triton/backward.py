@@ -104,13 +104,12 @@ def dx_kernel(
     HAS_SG: tl.constexpr, BANKED: tl.constexpr, HAS_PERM: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # Program: one [BM, BK] tile of dx = (g * c) W (c: the base scale, HAS_BS), the inner loop
-    # over N in BN steps; then the
-    # adapter part (dq A) [BM, BK] per adapter in the tile, times keep / (1 - p) (the 1 / (1 - p)
-    # is in dq), added in the epilogue. Registers: the fp32 accumulator [BM, BK] (and a second
-    # one for the adapter part with dropout, so configurations halve BK then), one g tile
-    # [BM, BN], one W tile [BN, BK], then dq [BM, RP] and one A tile [RP, BK]. With FUSE_DA the
-    # epilogue also reads the x tile [BM, BK] and adds dq^T x~ [RP, BK] to dA (fp32, atomic),
-    # so the keep-mask is generated once for dx and dA.
+    # over N in BN steps; then the adapter part (dq A) [BM, BK] per adapter in the tile, times
+    # keep / (1 - p) (the 1 / (1 - p) is in dq), added in the epilogue. Registers: the fp32
+    # accumulator [BM, BK] (and a second one for the adapter part with dropout, so configurations
+    # halve BK then), one g tile [BM, BN], one W tile [BN, BK], then dq [BM, RP] and one A tile
+    # [RP, BK]. With FUSE_DA the epilogue also reads the x tile [BM, BK] and adds dq^T x~ [RP, BK]
+    # to dA (fp32, atomic), so the keep-mask is generated once for dx and dA.
     pid_m, pid_k = grouped_pid(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(K, BK), GROUP_M)
     pm = pid_m * BM + tl.arange(0, BM)
     rk = pid_k * BK + tl.arange(0, BK)
