@@ -10,15 +10,32 @@
 namespace lorakern {
 
 // Dropout on the adapter branch: element (row, col) of a [rows, cols] tensor is kept iff
-// philox_uniform(seed, row * cols + col) > p, and kept elements are scaled by inv = 1 / (1 - p).
+// keep_uniform(seed, row, col, cols) > p (philox.h), and kept elements are scaled by inv = 1 / (1 - p).
 struct Dropout {
   float p;
   float inv;
   uint64_t seed;
-  int64_t cols;  // the row length the offset uses (K of x)
+  int64_t cols;  // the row length the counter uses (K of x)
   __device__ __forceinline__ float factor(int64_t row, int64_t col) const {
     if (p <= 0.f) return 1.f;
-    return philox_uniform(seed, (uint64_t)(row * cols + col)) > p ? inv : 0.f;
+    return keep_uniform(seed, row, col, cols) > p ? inv : 0.f;
+  }
+  // v[e] *= factor(row, col + e) for VEC consecutive columns; with VEC % 4 == 0 (col % 4 == 0
+  // then) one Philox call serves four columns.
+  template <int VEC>
+  __device__ __forceinline__ void apply(int64_t row, int64_t col, float (&v)[VEC]) const {
+    if constexpr (VEC % 4 == 0) {
+#pragma unroll
+      for (int e = 0; e < VEC; e += 4) {
+        uint32_t w[4];
+        philox4(seed, keep_counter(row, col + e, cols), w);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) v[e + j] *= word_uniform(w[j]) > p ? inv : 0.f;
+      }
+    } else {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) v[e] *= factor(row, col + e);
+    }
   }
 };
 

@@ -48,10 +48,7 @@ __global__ void rowdot_kernel(const T* __restrict__ X, int64_t sxm, int64_t sxk,
 #pragma unroll
         for (int e = 0; e < VEC; ++e) xv[e] *= cv[e];
       }
-      if (drop.p > 0.f) {
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) xv[e] *= drop.factor(m, k + e);
-      }
+      if (drop.p > 0.f) drop.apply<VEC>(m, k, xv);
 #pragma unroll
       for (int j = 0; j < RC; ++j) {
         if (j < nr) {

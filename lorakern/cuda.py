@@ -155,7 +155,7 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, 
 
 
 def dropout_keep(seed: int, M: int, K: int, dropout_p: float, device) -> torch.Tensor:
-    """bool [M, K]: the keep-mask the kernels use (triton's ``tl.rand(seed, row*K+col) > p``)."""
+    """bool [M, K]: the keep-mask the kernels use, the triton backend's stream (ARCHITECTURE.md)."""
     return _ops().dropout_keep(int(seed), int(M), int(K), float(dropout_p), torch.device(device))
 
 

@@ -2,7 +2,7 @@
 
 Default tier (CPU): the extension compiles and links here (skipped without nvcc), its ops reject
 CPU tensors and bad shapes with an error naming the argument, and csrc/philox.h compiled for the
-host reproduces triton's ``tl.rand`` stream (checked against a pure-torch Philox and against
+host reproduces the triton backend's dropout stream (checked against a pure-torch Philox and against
 triton itself under TRITON_INTERPRET=1 in a subprocess). ``gpu`` tier: every path in bf16, fp16
 and fp32 against the float64 oracle, outputs poisoned with NaN, awkward shapes, banks, gradients.
 """
@@ -141,12 +141,12 @@ def test_bad_arguments_on_the_gpu_name_the_argument(ops):
 # --------------------------------------------------------------------------- Philox stream (CPU)
 
 
-def _torch_philox_uniform(seed: int, off: torch.Tensor) -> torch.Tensor:
-    """Pure-torch Philox-4x32-10 (int64 arithmetic), the tl.rand recipe of ARCHITECTURE.md."""
+def _torch_philox4(seed: int, counter: torch.Tensor) -> list[torch.Tensor]:
+    """Pure-torch Philox-4x32-10 (int64 arithmetic): the four words of tl.randint4x(seed, counter)."""
     M32 = 0xFFFFFFFF
-    c0, c1 = off & M32, (off >> 32) & M32
-    c2 = torch.zeros_like(off)
-    c3 = torch.zeros_like(off)
+    c0, c1 = counter & M32, (counter >> 32) & M32
+    c2 = torch.zeros_like(counter)
+    c3 = torch.zeros_like(counter)
     k0, k1 = seed & M32, (seed >> 32) & M32
     for _ in range(10):
         a0, a2 = c0, c2
@@ -158,14 +158,31 @@ def _torch_philox_uniform(seed: int, off: torch.Tensor) -> torch.Tensor:
         c1 = p2 & M32
         c3 = (0xD2511F53 * a0) & M32
         k0, k1 = (k0 + 0x9E3779B9) & M32, (k1 + 0xBB67AE85) & M32
-    x = torch.where(c0 >= 2**31, c0 - 2**32, c0)
+    return [c0, c1, c2, c3]
+
+
+def _uniform(word: torch.Tensor) -> torch.Tensor:
+    """tl.uint_to_uniform_float of uint32 words held in int64."""
+    x = torch.where(word >= 2**31, word - 2**32, word)
     x = torch.where(x < 0, -x - 1, x).to(torch.int32)
     return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
 
 
+def _torch_keep_uniform(seed: int, M: int, K: int, row0: int = 0) -> torch.Tensor:
+    """The dropout stream of ARCHITECTURE.md for rows row0 .. row0 + M - 1 of a [*, K] tensor:
+    element (row, col) takes word col % 4 of the Philox call at counter row * ceil(K / 4) + col // 4."""
+    rows = torch.arange(row0, row0 + M, dtype=torch.int64)[:, None]
+    cols = torch.arange(K, dtype=torch.int64)[None, :]
+    words = _torch_philox4(seed, rows * ((K + 3) // 4) + cols // 4)
+    word = torch.where(cols % 4 == 0, words[0], torch.where(cols % 4 == 1, words[1],
+                                                            torch.where(cols % 4 == 2, words[2], words[3])))
+    return _uniform(word)
+
+
 @pytest.fixture(scope="module")
 def host_philox(tmp_path_factory):
-    """csrc/philox.h compiled for the host as a tiny shared library (ctypes)."""
+    """csrc/philox.h compiled for the host as a tiny shared library (ctypes): (seed, M, K, row0) ->
+    keep_uniform over rows row0 .. row0 + M - 1, float32 [M, K]."""
     cxx = shutil.which("c++") or shutil.which("g++")
     if cxx is None:
         pytest.skip("no host C++ compiler")
@@ -173,62 +190,70 @@ def host_philox(tmp_path_factory):
     src = d / "p.cpp"
     src.write_text(textwrap.dedent("""
         #include "philox.h"
-        extern "C" void uniform(uint64_t seed, const int64_t* off, float* out, int64_t n) {
-          for (int64_t i = 0; i < n; ++i) out[i] = lorakern::philox_uniform(seed, (uint64_t)off[i]);
+        extern "C" void uniform(uint64_t seed, int64_t M, int64_t K, int64_t row0, float* out) {
+          for (int64_t m = 0; m < M; ++m)
+            for (int64_t k = 0; k < K; ++k) out[m * K + k] = lorakern::keep_uniform(seed, row0 + m, k, K);
         }
     """))
     lib = d / "libp.so"
     subprocess.run([cxx, "-O2", "-shared", "-fPIC", f"-I{ROOT / 'csrc'}", str(src), "-o", str(lib)], check=True)
     so = ctypes.CDLL(str(lib))
 
-    def run(seed: int, off: torch.Tensor) -> torch.Tensor:
-        off = off.contiguous().to(torch.int64)
-        out = torch.empty(off.shape, dtype=torch.float32)
-        so.uniform(ctypes.c_uint64(seed), ctypes.c_void_p(off.data_ptr()), ctypes.c_void_p(out.data_ptr()),
-                   ctypes.c_int64(off.numel()))
+    def run(seed: int, M: int, K: int, row0: int = 0) -> torch.Tensor:
+        out = torch.empty((M, K), dtype=torch.float32)
+        so.uniform(ctypes.c_uint64(seed), ctypes.c_int64(M), ctypes.c_int64(K), ctypes.c_int64(row0),
+                   ctypes.c_void_p(out.data_ptr()))
         return out
 
     return run
 
 
-def _offsets():
-    g = torch.Generator().manual_seed(0)
-    big = torch.randint(0, 2**40, (300,), generator=g)  # past 2**32: the high counter word matters
-    return torch.cat([torch.arange(700), big, torch.tensor([2**32 - 1, 2**32, 2**33 + 5])])
+# (M, K, first row): K not a multiple of 4, and rows far enough that counters pass 2**32
+BLOCKS = [(7, 1, 0), (5, 13, 0), (3, 64, 0), (2, 1031, 2**33 // 258), (2, 6, 2**40)]
 
 
-@pytest.mark.parametrize("seed", [0, 1, 12345, 2**31 - 2])
-def test_host_philox_matches_torch_reimplementation(host_philox, seed):
-    off = _offsets()
-    got, want = host_philox(seed, off), _torch_philox_uniform(seed, off)
+@pytest.mark.parametrize("seed", [0, 1, 12345, 2**31 - 2, 2**40 + 5])
+@pytest.mark.parametrize("M,K,row0", BLOCKS)
+def test_host_philox_matches_torch_reimplementation(host_philox, seed, M, K, row0):
+    got, want = host_philox(seed, M, K, row0), _torch_keep_uniform(seed, M, K, row0)
     assert torch.equal(got, want)
-    assert 0.45 < got.mean().item() < 0.55 and (got >= 0).all() and (got < 1).all()
+    u = host_philox(seed, 40, 301)
+    assert 0.45 < u.mean().item() < 0.55 and (u >= 0).all() and (u < 1).all()
 
 
 def test_host_philox_matches_triton_interpreter(host_philox):
+    """Triton's own Philox words and the triton backend's keep-mask, under the interpreter, against the header."""
     pytest.importorskip("triton")
     code = textwrap.dedent("""
         import sys, torch, triton, triton.language as tl
+        from lorakern.triton.dropout import dropout_keep
         @triton.jit
-        def k(out, off, n, seed, BLOCK: tl.constexpr):
+        def k(out, cnt, n, seed, BLOCK: tl.constexpr):
             i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-            o = tl.load(off + i, mask=i < n, other=0)
-            tl.store(out + i, tl.rand(seed, o), mask=i < n)
-        off = torch.load(sys.argv[1])
-        out = torch.empty(off.shape, dtype=torch.float32)
-        k[(triton.cdiv(off.numel(), 128),)](out, off, off.numel(), int(sys.argv[2]), BLOCK=128)
-        torch.save(out, sys.argv[3])
+            w0, w1, w2, w3 = tl.randint4x(seed, tl.load(cnt + i, mask=i < n, other=0))
+            for j, w in enumerate((w0, w1, w2, w3)):
+                tl.store(out + j * n + i, tl.uint_to_uniform_float(w), mask=i < n)
+        cnt, seed = torch.load(sys.argv[1]), int(sys.argv[2])
+        words = torch.empty((4, cnt.numel()), dtype=torch.float32)
+        k[(triton.cdiv(cnt.numel(), 128),)](words, cnt, cnt.numel(), seed, BLOCK=128)
+        masks = {(M, K, p): dropout_keep(seed, M, K, p, "cpu") for M, K in ((9, 1), (5, 13), (4, 130)) for p in (0.1, 0.5)}
+        torch.save((words, masks), sys.argv[3])
     """)
     d = Path(os.environ.get("PYTEST_TMP", "/tmp")) / f"lk_philox_{os.getpid()}"
     d.mkdir(exist_ok=True)
-    off = _offsets()
-    torch.save(off, d / "off.pt")
-    for seed in (7, 2**31 - 2):
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        r = subprocess.run([sys.executable, "-c", code, str(d / "off.pt"), str(seed), str(d / "out.pt")],
+    g = torch.Generator().manual_seed(0)
+    cnt = torch.cat([torch.arange(300), torch.randint(0, 2**40, (200,), generator=g),
+                     torch.tensor([2**32 - 1, 2**32, 2**33 + 5])])
+    torch.save(cnt, d / "cnt.pt")
+    for seed in (7, 2**31 - 2, 2**40 + 5):
+        env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+        r = subprocess.run([sys.executable, "-c", code, str(d / "cnt.pt"), str(seed), str(d / "out.pt")],
                            env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
-        assert torch.equal(torch.load(d / "out.pt"), host_philox(seed, off))
+        words, masks = torch.load(d / "out.pt")
+        assert torch.equal(words, torch.stack([_uniform(w) for w in _torch_philox4(seed, cnt)]))
+        for (M, K, p), keep in masks.items():
+            assert torch.equal(keep, host_philox(seed, M, K) > p), (seed, M, K, p)
 
 
 # --------------------------------------------------------------------------- every path (gpu)
@@ -335,7 +360,7 @@ def test_kernels_write_every_element(ops):
 def test_keep_mask_matches_host_philox_and_rate(ops, host_philox):
     M, K, p, seed = 37, 1031, 0.3, 99
     keep = cuda.dropout_keep(seed, M, K, p, "cuda").cpu()
-    want = host_philox(seed, torch.arange(M * K)).reshape(M, K) > p
+    want = host_philox(seed, M, K) > p
     assert torch.equal(keep, want)
     assert abs(keep.float().mean().item() - (1 - p)) < 0.01
 

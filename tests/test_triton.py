@@ -309,8 +309,8 @@ def test_dropout_keep_is_the_kernels_mask(env):
     assert not torch.equal(lorakern.triton.dropout_keep(3, M, K, p, dev), lorakern.triton.dropout_keep(4, M, K, p, dev))
 
 
-def test_dropout_stream_is_philox_of_the_flat_offset(env):
-    """keep[row, col] depends on row * K + col only: the rows of a bigger mask with the same K."""
+def test_dropout_stream_depends_on_row_col_and_K_only(env):
+    """keep[row, col] is a function of (seed, row, col, K): the rows of a bigger mask with the same K."""
     dev, _ = env
     a = lorakern.triton.dropout_keep(17, 5, 24, 0.5, dev)
     b = lorakern.triton.dropout_keep(17, 9, 24, 0.5, dev)

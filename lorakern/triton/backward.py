@@ -142,7 +142,7 @@ def dx_kernel(
     a_ptrs = A + ranks[:, None] * sAr + rk64[None, :] * sAk
     amask = rmask[:, None] & kmask[None, :]
     if DROPOUT:  # the adapter part needs its own accumulator for the mask
-        keep = keep_tile(seed, rows, rk, K, p)
+        keep = keep_tile(seed, rows, pid_k * BK, K, p, BK)
         part = tl.zeros((BM, BK), tl.float32)
     else:  # no mask: it rides the main accumulator (a second [BM, BK] fp32 tile would spill)
         part = acc
@@ -200,7 +200,7 @@ def dA_kernel(
         rows = tile_rows(PERM, pm, mmask, HAS_PERM)
         x = tl.load(X + rows[:, None] * sxm + rk64[None, :] * sxk, mask=mmask[:, None] & kmask[None, :], other=0.0)
         if DROPOUT:
-            x = tl.where(keep_tile(seed, rows, rk, K, p), x, 0.0).to(dtype)
+            x = tl.where(keep_tile(seed, rows, tl.program_id(0) * BK, K, p, BK), x, 0.0).to(dtype)
         ad = tl.zeros((BM,), tl.int32)
         if BANKED:
             ad = tile_adapters(IDX, rows, mmask, G)

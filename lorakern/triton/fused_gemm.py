@@ -62,7 +62,7 @@ def lora_fwd_kernel(
         if FUSE_Q:
             a = tl.load(a_ptrs, mask=kmask[:, None] & rmask[None, :], other=0.0)
             if DROPOUT:
-                x = tl.where(keep_tile(seed, rows, rk + k0, K, p), x, 0.0).to(X.dtype.element_ty)
+                x = tl.where(keep_tile(seed, rows, k0, K, p, BK), x, 0.0).to(X.dtype.element_ty)
             qacc = tl.dot(x, a, qacc, input_precision=DOT_PREC)
             a_ptrs += BK * sAk
         x_ptrs += BK * sxk

@@ -46,7 +46,7 @@ def shrink_kernel(
         kmask = rk + k0 < k_hi
         x = tl.load(x_ptrs, mask=mmask[:, None] & kmask[None, :], other=0.0)
         if DROPOUT:
-            x = tl.where(keep_tile(seed, rows, rk + k0, K, p), x, 0.0).to(X.dtype.element_ty)
+            x = tl.where(keep_tile(seed, rows, k0, K, p, BK), x, 0.0).to(X.dtype.element_ty)
         amask = kmask[:, None] & rmask[None, :]
         if BANKED:
             g = first
