@@ -7,13 +7,13 @@
 // loads. out is read and written once.
 #include "common.cuh"
 #include "kernels.h"
+#include "launch.cuh"
 
 namespace lorakern {
 namespace {
 
 constexpr int RC = 16;
 constexpr int ROWS = 8;
-constexpr int THREADS = 256;
 
 template <typename T>
 __global__ void expand_add_kernel(T* __restrict__ out, int64_t som, int64_t soc, int64_t M, int64_t C,
@@ -150,7 +150,7 @@ void expand_add(at::Tensor& out, const at::Tensor& T, const at::Tensor& fac, con
   const int64_t M = out.size(0), C = out.size(1);
   const int Ra = (int)idx.size(0);
   if (M == 0 || C == 0 || Ra == 0) return;
-  const dim3 grid((unsigned)((M + ROWS - 1) / ROWS), (unsigned)((C + THREADS - 1) / THREADS)), block(THREADS);
+  const dim3 grid(num_blocks(M, ROWS), num_blocks(C, THREADS)), block(THREADS);
   auto stream = c10::cuda::getCurrentCUDAStream();
   LK_DISPATCH(out.scalar_type(), "lorakern_expand_add", [&] {
     expand_add_kernel<scalar_t><<<grid, block, 0, stream>>>(
@@ -170,7 +170,7 @@ void decode(const at::Tensor& x, const at::Tensor& W, const at::Tensor& bias, co
   const int64_t M = x.size(0), K = x.size(1), N = W.size(0);
   if (M == 0 || N == 0) return;
   const int64_t warps = (N + NW - 1) / NW;
-  const dim3 grid((unsigned)((warps + DEC_WARPS - 1) / DEC_WARPS)), block(DEC_WARPS * 32);
+  const dim3 grid(num_blocks(warps, DEC_WARPS)), block(DEC_WARPS * 32);
   auto stream = c10::cuda::getCurrentCUDAStream();
   LK_DISPATCH(x.scalar_type(), "lorakern_decode", [&] {
     constexpr int V = 16 / sizeof(scalar_t);

@@ -10,13 +10,13 @@
 // keep_mask: bool [M, K], the keep-mask the kernels use, one thread per element.
 #include "common.cuh"
 #include "kernels.h"
+#include "launch.cuh"
 
 namespace lorakern {
 namespace {
 
 constexpr int RC = 16;
 constexpr int CHUNK = 128;
-constexpr int THREADS = 256;
 
 template <typename T>
 __global__ void reduce_rows_kernel(const T* __restrict__ X, int64_t sxm, int64_t sxc, int64_t M, int64_t C,
@@ -73,7 +73,7 @@ void reduce_rows(const at::Tensor& X, const at::Tensor& T, const at::Tensor& ai,
   const int Ra = (int)T.size(1);
   if (M == 0 || C == 0 || Ra == 0) return;
   const int64_t chunk = one_slice ? M : CHUNK;
-  const dim3 grid((unsigned)((C + THREADS - 1) / THREADS), (unsigned)((M + chunk - 1) / chunk)), block(THREADS);
+  const dim3 grid(num_blocks(C, THREADS), num_blocks(M, chunk)), block(THREADS);
   auto stream = c10::cuda::getCurrentCUDAStream();
   LK_DISPATCH(X.scalar_type(), "lorakern_reduce_rows", [&] {
     reduce_rows_kernel<scalar_t><<<grid, block, 0, stream>>>(
@@ -88,9 +88,8 @@ at::Tensor keep_mask(int64_t seed, int64_t M, int64_t K, double p, c10::Device d
   auto out = at::empty({M, K}, at::TensorOptions().dtype(at::kBool).device(device));
   const int64_t total = M * K;
   if (total == 0) return out;
-  const int threads = 256;
-  keep_mask_kernel<<<(unsigned)((total + threads - 1) / threads), threads, 0,
-                     c10::cuda::getCurrentCUDAStream()>>>(out.data_ptr<bool>(), total, make_dropout(p, seed, K));
+  keep_mask_kernel<<<num_blocks(total, THREADS), THREADS, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      out.data_ptr<bool>(), total, make_dropout(p, seed, K));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

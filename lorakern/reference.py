@@ -21,19 +21,20 @@ def reference_lora_linear(
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     *,
+    keep: Optional[torch.Tensor] = None,
+    dtype: torch.dtype = torch.float64,
     scaling: Union[float, torch.Tensor] = 1.0,
     rank_scale: Optional[torch.Tensor] = None,
     rank_mask: Optional[torch.Tensor] = None,
     out_scale: Optional[torch.Tensor] = None,
-    keep: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
     adapter_index: Optional[torch.Tensor] = None,
     base_scale: Optional[torch.Tensor] = None,
-    dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
     """The op in ``dtype`` (float64 by default): differentiable, a loop over adapters.
 
-    ``keep`` is the bool dropout keep-mask [M, K] (None: no dropout).
+    ``keep`` is the bool dropout keep-mask [M, K] (None: no dropout), in place of the op's
+    ``seed``; the other keywords are ``lora_linear``'s, in its order.
 
     >>> x, W, A, B = torch.randn(3, 5), torch.randn(4, 5), torch.randn(2, 5), torch.randn(4, 2)
     >>> reference_lora_linear(x, W, None, A, B, scaling=0.5).dtype

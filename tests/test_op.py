@@ -68,6 +68,13 @@ def make(case, M, K, N, R, *, G=None, bias=True, rank_scale=False, rank_mask=Fal
         "out_scale": rnd(*bank, N) + 1.0 if out_scale else None,
         "base_scale": rnd(N) + 1.0 if base_scale else None,
     }
+    return t, make_kw(gen, dev, M, R, G=G, rank_mask=rank_mask)
+
+
+def make_kw(gen: torch.Generator, dev, M: int, R: int, *, G: int | None = None, rank_mask: bool = False) -> dict:
+    """The op's keywords drawn from ``gen``: a rank mask (rank 0 on, the last off) and, for a bank of
+    G adapters, adapter_index [M] and a scaling per adapter."""
+    bank = () if G is None else (G,)
     kw = {}
     if rank_mask:
         m = torch.rand(*bank, R, generator=gen) > 0.4
@@ -78,7 +85,7 @@ def make(case, M, K, N, R, *, G=None, bias=True, rank_scale=False, rank_mask=Fal
         idx = torch.randint(-1, G - 1, (M,), generator=gen)  # adapter G-1 gets no rows
         kw["adapter_index"] = idx.to(dev)
         kw["scaling"] = (torch.rand(G, generator=gen) + 0.5).to(dev)
-    return t, kw
+    return kw
 
 
 def call_op(case, t, kw, *, grad_args=GRAD_ARGS, **opts):

@@ -16,7 +16,7 @@ import lorakern
 import lorakern.triton
 from lorakern.alloc import poisoned
 from lorakern.reference import reference_lora_linear
-from test_op import rel_err
+from test_op import make_kw, rel_err
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_CUDA = torch.cuda.is_available()
@@ -83,19 +83,11 @@ def make(dev, dt, M, K, N, R, *, G=None, bias=True, rank_scale=None, out_scale=N
         "rank_scale": None if rank_scale is None else rnd(*(bank if rank_scale == "per" else ()), R, shift=1.0),
         "out_scale": None if out_scale is None else rnd(*(bank if out_scale == "per" else ()), N, shift=1.0),
     }
-    kw = {}
-    if rank_mask:
-        m = torch.rand(*bank, R, generator=gen) > 0.4
-        m[..., 0] = True
-        m[..., -1] = False
-        kw["rank_mask"] = m.to(dev)
-    if G is not None:
-        idx = torch.randint(-1, G - 1, (M,), generator=gen)  # adapter G-1 gets no rows
-        idx[0] = -1
-        kw["adapter_index"] = idx.to(dev)
-        kw["scaling"] = (torch.rand(G, generator=gen) + 0.5).to(dev)
-    else:
+    kw = make_kw(gen, dev, M, R, G=G, rank_mask=rank_mask)
+    if G is None:
         kw["scaling"] = 0.75
+    else:
+        kw["adapter_index"][0] = -1  # row 0 takes the base path only
     return t, kw
 
 
