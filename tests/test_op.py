@@ -88,9 +88,19 @@ def make_kw(gen: torch.Generator, dev, M: int, R: int, *, G: int | None = None, 
     return kw
 
 
+def leaf_copy(v: torch.Tensor, requires_grad: bool) -> torch.Tensor:
+    """A leaf copy of ``v`` with its strides and storage offset: ``clone()`` would make a strided
+    view dense, so a test of views would silently test contiguous tensors."""
+    if v.numel() == 0:
+        return v.detach().clone().requires_grad_(requires_grad)
+    span = v.storage_offset() + sum((n - 1) * s for n, s in zip(v.shape, v.stride())) + 1
+    out = torch.empty(span, dtype=v.dtype, device=v.device).as_strided(v.shape, v.stride(), v.storage_offset())
+    return out.detach().copy_(v).requires_grad_(requires_grad)
+
+
 def call_op(case, t, kw, *, grad_args=GRAD_ARGS, **opts):
     """The op on fresh leaf copies of ``t`` (those named in ``grad_args`` require grad): (y, leaves)."""
-    leaves = {k: None if v is None else v.detach().clone().requires_grad_(k in grad_args) for k, v in t.items()}
+    leaves = {k: None if v is None else leaf_copy(v, k in grad_args) for k, v in t.items()}
     y = lorakern.lora_linear(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_A"], leaves["lora_B"],
                              rank_scale=leaves["rank_scale"], out_scale=leaves["out_scale"],
                              base_scale=leaves.get("base_scale"), backend=case.backend, **opts, **kw)

@@ -16,7 +16,7 @@ import lorakern
 import lorakern.triton
 from lorakern.alloc import poisoned
 from lorakern.reference import reference_lora_linear
-from test_op import make_kw, rel_err
+from test_op import leaf_copy, make_kw, rel_err
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_CUDA = torch.cuda.is_available()
@@ -96,8 +96,7 @@ def check(dt, t, kw, *, dropout_p=0.0, seed=11, grads=True):
     x = t["x"]
     M, K = x.shape
     keep = lorakern.triton.dropout_keep(seed, M, K, dropout_p, x.device) if dropout_p > 0 else None
-    leaves = {k: v.detach().clone().requires_grad_(grads and k in GRAD_ARGS) if v is not None else None
-              for k, v in t.items()}
+    leaves = {k: leaf_copy(v, grads and k in GRAD_ARGS) if v is not None else None for k, v in t.items()}
     with poisoned():
         y = lorakern.lora_linear(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_A"], leaves["lora_B"],
                                  rank_scale=leaves["rank_scale"], out_scale=leaves["out_scale"],
