@@ -5,6 +5,8 @@
 #   bash bench/gpu_run.sh                 # tests, then bench; files under $OUT (default ./out)
 #   bash bench/gpu_run.sh tests           # only the gpu test tier (+ compute-sanitizer)
 #   bash bench/gpu_run.sh bench           # only `lorakern bench --quick`
+#   bash bench/gpu_run.sh tune            # only the M = 8192 kernel breakdown and configuration sweep
+#                                         # (bench/triton_tune.py --sweep-only: TMA on / off first)
 #   LORAKERN_COMMIT=<sha> bash bench/gpu_run.sh   # where the copy carries no .git
 #
 # The gpu tier runs as parallel pytest shards (compiling the kernels is the slow part of a cold
@@ -54,6 +56,12 @@ if [ "$WHAT" != bench ]; then
     printf '%-11s %s\n' sanitizer "$(grep -E 'passed|failed' "$OUT/sanitizer.log" | tail -n 1) $(grep 'ERROR SUMMARY' "$OUT/sanitizer.log" | tail -n 1)"
     grep -q "ERROR SUMMARY: 0 errors" "$OUT/sanitizer.log" || rc=1
     echo "== gpu tier $(( $(date +%s) - t0 )) s, rc=$rc"
+fi
+
+if [ "$WHAT" = tune ]; then
+    echo "== triton kernel breakdown and configuration sweep at M = 8192 ($GPU)"
+    timeout "$SHARD_TIMEOUT" python3 bench/triton_tune.py --sweep-only 2>&1 | tee "$OUT/tune-$GPU.log"
+    exit "${PIPESTATUS[0]}"
 fi
 
 if [ "$WHAT" != tests ]; then

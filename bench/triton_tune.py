@@ -216,12 +216,16 @@ def sweep(deadline: float, full: bool, M=8192, K=4096, N=4096, R=16):
     """Kernel breakdown at M=8192 (bf16, p = 0 and 0.1), then candidate configurations per
     kernel family (two each by default, all with ``full``) until ``deadline`` (time.time())."""
     from triton.testing import do_bench
-    fwd_cands = [dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, FUSE_Q=False),
-                 dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, FUSE_Q=True),
+    fwd_cands = [dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, FUSE_Q=True),
+                 dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, FUSE_Q=True, TMA=True),
+                 dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=4, FUSE_Q=True, TMA=True),
+                 dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, FUSE_Q=False),
                  dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, FUSE_Q=False),
                  dict(BM=256, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3, FUSE_Q=False),
                  dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=4, FUSE_Q=False)]
     dx_cands = [dict(BM=128, BK=256, BN=64, GROUP_M=8, num_warps=8, num_stages=3, FUSE_DA=False),
+                dict(BM=128, BK=256, BN=64, GROUP_M=8, num_warps=8, num_stages=3, FUSE_DA=False, TMA=True),
+                dict(BM=128, BK=256, BN=64, GROUP_M=8, num_warps=8, num_stages=4, FUSE_DA=False, TMA=True),
                 dict(BM=128, BK=256, BN=64, GROUP_M=8, num_warps=8, num_stages=3, FUSE_DA=True),
                 dict(BM=128, BK=128, BN=64, GROUP_M=8, num_warps=8, num_stages=4, FUSE_DA=False),
                 dict(BM=256, BK=128, BN=64, GROUP_M=8, num_warps=8, num_stages=3, FUSE_DA=False)]
@@ -243,16 +247,17 @@ def sweep(deadline: float, full: bool, M=8192, K=4096, N=4096, R=16):
     tdx = do_bench(lambda: torch.mm(g, W), return_mode="median")
     print(f"\nkernels at M={M} K={K} N={N} r={R} bf16: F.linear {tb:.4f} ms, g@W {tdx:.4f} ms; "
           f"ratios below are to F.linear (forward kinds) or g@W (backward kinds)")
-    needs = {"dx(+gpass dt)": (True, False, False, False, False, False, False),
-             "dA(+gpass dt)": (False, False, False, True, False, False, False),
-             "dB(gpass P)": (False, False, False, False, True, False, False),
-             "full bwd": (True, False, False, True, True, False, False)}
+    needs = {"dx(+gpass dt)": (True, False, False, False, False, False, False, False),
+             "dA(+gpass dt)": (False, False, False, True, False, False, False, False),
+             "dB(gpass P)": (False, False, False, False, True, False, False, False),
+             "full bwd": (True, False, False, True, True, False, False, False)}
     for p in (0.0, 0.1):
         fwd = lambda: lorakern.triton.forward(x, W, None, A, B, 2.0, None, None, None, None, p, 5, None)  # noqa: E731
         _, q = fwd()
 
         def bwd(n, p=p, q=q):
-            return lambda: lorakern.triton.backward(g, x, W, A, B, 2.0, None, None, None, None, p, 5, None, q, needs[n])
+            return lambda: lorakern.triton.backward(g, x, W, A, B, 2.0, None, None, None, None, p, 5, None, None, q,
+                                                    needs[n])
         rows = [("forward", fwd, tb)] + [(n, bwd(n), tdx) for n in needs]
         for name, fn, ref in rows:
             if time.time() > deadline:
@@ -297,6 +302,8 @@ def aot(arch: int = 90, dtypes=(torch.bfloat16, torch.float16, torch.float32)) -
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.runtime.jit import mangle_type
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
     from lorakern.triton import backend
 
@@ -317,7 +324,9 @@ def aot(arch: int = 90, dtypes=(torch.bfloat16, torch.float16, torch.float32)) -
                 if (isinstance(a, torch.Tensor) and a.data_ptr() % 16 == 0) or (
                         type(a) is int and a % 16 == 0):  # Triton's launcher marks these 16-divisible
                     attrs[(i,)] = [["tt.divisibility", 16]]
-                if isinstance(a, torch.Tensor):
+                if isinstance(a, TensorDescriptor):
+                    sig[name] = mangle_type(a)
+                elif isinstance(a, torch.Tensor):
                     sig[name] = "*" + names[a.dtype]
                 elif isinstance(a, bool) or a is None or (isinstance(a, int) and a == 1):
                     cst[name] = a
@@ -355,22 +364,29 @@ def aot(arch: int = 90, dtypes=(torch.bfloat16, torch.float16, torch.float32)) -
     saved = {n: getattr(backend, n) for n in ("lora_fwd_kernel", "shrink_kernel", "gpass_kernel", "dx_kernel",
                                                "dA_kernel")}
     saved_interp, saved_check, saved_sms = configs.interpreting, backend._check, backend._sm_count
+    saved_tma = backend._tma_device
     for n, fn in saved.items():
         setattr(backend, n, Recorder(fn))
     configs.interpreting = lambda: False
     backend._check = lambda x: None
     backend._sm_count = lambda dev: 132
+    backend._tma_device = lambda dev: arch >= 90
     try:
         for dt in dtypes:
             for M in (1, 16, 128, 2048, 8192):
                 for p in (0.0, 0.1):
                     _record_call(dt, M, 4096, 4096, 16, p)
+                    configs.OVERRIDE.update(fwd={"TMA": True}, dx={"TMA": True})
+                    _record_call(dt, M, 4096, 4096, 16, p)
+                    configs.OVERRIDE.clear()
             _record_call(dt, 1031, 1000, 777, 13, 0.1, G=5, scales=True, mask=True, strided=True)
             _record_call(dt, 16, 1000, 777, 13, 0.0, G=5)
     finally:
         for n, fn in saved.items():
             setattr(backend, n, fn)
         configs.interpreting, backend._check, backend._sm_count = saved_interp, saved_check, saved_sms
+        backend._tma_device = saved_tma
+        configs.OVERRIDE.clear()
     print(f"aot sm_{arch}: {len(seen)} variants, {len(failures)} failed")
     return not failures
 
@@ -389,8 +405,9 @@ def _record_call(dt, M, K, N, R, p, *, G=None, scales=False, mask=False, strided
     args = (x, e(N, K), e(N), A, B, 1.0, sg, u, ridx, v, p, 5, idx)
     _, q = lorakern.triton.forward(*args)
     x_, w_, _b, A_, B_, *rest = args
-    every = (True, False, True, True, True, scales, scales)
-    only = lambda i: tuple(j == i for j in range(7))  # noqa: E731
+    rest.append(None)  # base_scale
+    every = (True, False, True, True, True, scales, scales, False)
+    only = lambda i: tuple(j == i for j in range(8))  # noqa: E731
     for needs in (every, only(0), only(3), only(4)):
         lorakern.triton.backward(e(M, N), x_, w_, A_, B_, *rest, q, needs)
 

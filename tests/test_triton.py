@@ -172,6 +172,28 @@ def test_split_passes(env, override, split):
     check(dt, t, kw)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_tma(env, override, monkeypatch, p):
+    """x, g and W tiles through tensor descriptors in the forward and dx GEMMs (q in the GEMM or
+    not); a strided x sends the forward back to pointer loads, dx (g and W) keeps descriptors."""
+    from lorakern.triton import backend
+    dev, dt = env
+    override("fwd", TMA=True, FUSE_Q=p == 0)
+    override("dx", TMA=True)
+    made = []
+    real = backend._descriptors
+    monkeypatch.setattr(backend, "_descriptors", lambda blocks: made.append(real(blocks)) or made[-1])
+    M, K, N, R = shape(dev, (37, 48, 40, 6), (1237, 1024, 776, 13))
+    t, kw = make(dev, dt, M, K, N, R, rank_scale="shared", out_scale="shared")
+    check(dt, t, kw, dropout_p=p)
+    tma = dev == "cpu" or torch.cuda.get_device_capability()[0] >= 9
+    assert [d is not None for d in made] == [tma, tma]
+    made.clear()
+    t["x"] = torch.randn(M, 2 * K).to(device=dev, dtype=dt)[:, ::2]
+    check(dt, t, kw, dropout_p=p)
+    assert [d is not None for d in made] == [False, tma]
+
+
 def test_strided_views(env):
     """x, W, A, B, bias, rank_scale and out_scale as non-contiguous views, read in place."""
     dev, dt = env

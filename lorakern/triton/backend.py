@@ -93,6 +93,30 @@ class _Adapter:
                     BANKED=self.banked, HAS_PERM=self.perm is not None)
 
 
+@functools.lru_cache(maxsize=None)
+def _tma_device(device: torch.device) -> bool:
+    """Tensor descriptors: the interpreter, or a GPU with a copy engine for them (sm_90 on) and a
+    triton that has them."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _descriptors(blocks: dict) -> Optional[list]:
+    """Tensor descriptors for ``{2-D tensor: (rows, cols) block}``, or None unless every tensor
+    has a contiguous last dimension, 16-byte aligned base and row stride, and no empty dimension."""
+    ts = list(blocks)
+    if not _tma_device(ts[0].device):
+        return None
+    for t in ts:
+        if t.stride(1) != 1 or t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16 or 0 in t.shape:
+            return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    return [TensorDescriptor(t, list(t.shape), [t.stride(0), 1], list(blocks[t])) for t in ts]
+
+
 def _launch_opts(cfg: dict, dtype: torch.dtype) -> dict:
     """Launch options; fp32 dots in full fp32 ("ieee": plain TF32 missed 5e-4 on the H100, and the
     launch-wide default_dot_input_precision option was not applied there), half types as tf32 (unused)."""
@@ -131,17 +155,20 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, ran
             BANKED=ad.banked, HAS_PERM=flags["HAS_PERM"], **_launch_opts(sc, x.dtype))
     sUg, sUr = _vec_strides(ad.u)
     sVg, sVn = _vec_strides(ad.v)
+    descs = None
+    if cfg["TMA"] and not ad.banked:
+        descs = _descriptors({x: (cfg["BM"], cfg["BK"]), weight: (cfg["BN"], cfg["BK"])})
     grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]),)
     lora_fwd_kernel[grid](
-        x, weight, bias if bias is not None else x, lora_A, lora_B, q, y, ptrs["RIDX"], ptrs["U"], ptrs["V"],
+        x, weight, *(descs or (x, weight)), bias if bias is not None else x, lora_A, lora_B, q, y, ptrs["RIDX"], ptrs["U"], ptrs["V"],
         ptrs["SG"], ptrs["IDX"], ptrs["PERM"], base_scale if base_scale is not None else x,
         M, N, K, ad.Ra, ad.G, ad.scaling, p, 1.0 / (1.0 - p), seed,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), bias.stride(0) if bias is not None else 0,
         sAg, sAr, sAk, sBg, sBn, sBr, sUg, sUr, sVg, sVn, q.stride(0), y.stride(0), y.stride(1),
         base_scale.stride(0) if base_scale is not None else 0,
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], RP=ad.RP, GROUP_M=cfg["GROUP_M"], FUSE_Q=cfg["FUSE_Q"],
-        DROPOUT=p > 0, HAS_BIAS=bias is not None, HAS_BS=base_scale is not None, HAS_V=ad.v is not None, **flags,
-        **_launch_opts(cfg, x.dtype))
+        TMA=descs is not None, DROPOUT=p > 0, HAS_BIAS=bias is not None, HAS_BS=base_scale is not None,
+        HAS_V=ad.v is not None, **flags, **_launch_opts(cfg, x.dtype))
     return y, q
 
 
@@ -250,16 +277,19 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, 
         cfg = configs.dx(M, N, K, ad.Ra, p > 0, x.element_size())
         fuse_da = n_A and cfg["FUSE_DA"] and not deterministic
         dx = alloc.empty((M, K), dtype=x.dtype, device=dev)
+        descs = None
+        if cfg["TMA"] and not ad.banked:
+            descs = _descriptors({g: (cfg["BM"], cfg["BN"]), weight: (cfg["BN"], cfg["BK"])})
         grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(K, cfg["BK"]),)
         dx_kernel[grid](
-            g, weight, lora_A, dt, dx, x, da_buf if fuse_da else dt, ptrs["RIDX"], ptrs["U"], ptrs["SG"],
+            g, weight, *(descs or (g, weight)), lora_A, dt, dx, x, da_buf if fuse_da else dt, ptrs["RIDX"], ptrs["U"], ptrs["SG"],
             ptrs["IDX"], ptrs["PERM"], base_scale if base_scale is not None else g,
             M, N, K, ad.Ra, ad.G, ad.scaling, p, seed,
             g.stride(0), g.stride(1), weight.stride(0), weight.stride(1), sAg, sAr, sAk, sUg, sUr,
             dt.stride(0), dx.stride(0), dx.stride(1), x.stride(0), x.stride(1),
             base_scale.stride(0) if base_scale is not None else 0,
             BM=cfg["BM"], BK=cfg["BK"], BN=cfg["BN"], RP=ad.RP, GROUP_M=cfg["GROUP_M"], FUSE_DA=fuse_da,
-            HAS_BS=base_scale is not None,
+            TMA=descs is not None, HAS_BS=base_scale is not None,
             DROPOUT=p > 0, **flags, **_launch_opts(cfg, x.dtype))
 
     dA = None

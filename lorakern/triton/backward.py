@@ -10,8 +10,8 @@ import triton
 import triton.language as tl
 
 from lorakern.triton.dropout import keep_tile
-from lorakern.triton.fused_gemm import grouped_pid
-from lorakern.triton.grouping import next_adapter, row_factor, tile_adapters, tile_ranks, tile_rows
+from lorakern.triton.fused_gemm import gemm_tile
+from lorakern.triton.grouping import next_adapter, rank_block, row_block, row_factor, tile_adapters
 
 
 @triton.jit
@@ -49,12 +49,8 @@ def gpass_kernel(
     # added atomically when N is split), t [BM, RP], one g tile [BM, BN], one (v*B) tile
     # [BN, RP]. Each step adds its g^T t tile [BN, RP] (P, fp32 [G, N, Ra]) and the column sums
     # of g (db) atomically.
-    pm = tl.program_id(0) * BM + tl.arange(0, BM)
-    mmask = pm < M
-    rows = tile_rows(PERM, pm, mmask, HAS_PERM)
-    rr = tl.arange(0, RP)
-    rmask = rr < Ra
-    ranks = tile_ranks(RIDX, rr, Ra, HAS_RIDX)
+    _, mmask, rows = row_block(PERM, tl.program_id(0) * BM, M, BM, HAS_PERM)
+    rr, rmask, ranks = rank_block(RIDX, Ra, RP, HAS_RIDX)
     ad = tl.zeros((BM,), tl.int32)
     if BANKED:
         ad = tile_adapters(IDX, rows, mmask, G)
@@ -96,12 +92,12 @@ def gpass_kernel(
 
 @triton.jit
 def dx_kernel(
-    GY, W, A, DT, DX, X, DA, RIDX, U, SG, IDX, PERM, BS,
+    GY, W, GD, WD, A, DT, DX, X, DA, RIDX, U, SG, IDX, PERM, BS,
     M, N, K, Ra, G, scaling, p, seed,
     sgm, sgn, swn, swk, sAg, sAr, sAk, sUg, sUr, sdtm, sdxm, sdxk, sxm, sxk, sbs,
     BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr, GROUP_M: tl.constexpr,
-    FUSE_DA: tl.constexpr, HAS_BS: tl.constexpr, DROPOUT: tl.constexpr, HAS_RIDX: tl.constexpr, HAS_U: tl.constexpr,
-    HAS_SG: tl.constexpr, BANKED: tl.constexpr, HAS_PERM: tl.constexpr, DOT_PREC: tl.constexpr,
+    FUSE_DA: tl.constexpr, TMA: tl.constexpr, HAS_BS: tl.constexpr, DROPOUT: tl.constexpr,
+    HAS_RIDX: tl.constexpr, HAS_U: tl.constexpr, HAS_SG: tl.constexpr, BANKED: tl.constexpr, HAS_PERM: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # Program: one [BM, BK] tile of dx = (g * c) W (c: the base scale, HAS_BS), the inner loop
     # over N in BN steps; then the adapter part (dq A) [BM, BK] per adapter in the tile, times
@@ -109,29 +105,29 @@ def dx_kernel(
     # accumulator [BM, BK] (and a second one for the adapter part with dropout, so configurations
     # halve BK then), one g tile [BM, BN], one W tile [BN, BK], then dq [BM, RP] and one A tile
     # [RP, BK]. With FUSE_DA the epilogue also reads the x tile [BM, BK] and adds dq^T x~ [RP, BK]
-    # to dA (fp32, atomic), so the keep-mask is generated once for dx and dA.
-    pid_m, pid_k = grouped_pid(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(K, BK), GROUP_M)
-    pm = pid_m * BM + tl.arange(0, BM)
-    rk = pid_k * BK + tl.arange(0, BK)
+    # to dA (fp32, atomic), so the keep-mask is generated once for dx and dA. TMA: g and W tiles
+    # come through tensor descriptors GD [M, N] and WD [N, K] (rows in order: one adapter).
+    pid_m, pid_k, mmask, rows, rr, rmask, ranks, rk, kmask = gemm_tile(PERM, RIDX, M, K, Ra, BM, BK, RP, GROUP_M,
+                                                                       HAS_PERM, HAS_RIDX, TMA)
     rn = tl.arange(0, BN)
-    rr = tl.arange(0, RP)
-    mmask, kmask, rmask = pm < M, rk < K, rr < Ra
-    rows = tile_rows(PERM, pm, mmask, HAS_PERM)
     rk64 = rk.to(tl.int64)
     g_ptrs = GY + rows[:, None] * sgm + rn[None, :].to(tl.int64) * sgn
     w_ptrs = W + rn[:, None].to(tl.int64) * swn + rk64[None, :] * swk
     acc = tl.zeros((BM, BK), tl.float32)
     for n0 in range(0, N, BN):
         nmask = rn + n0 < N
-        gt = tl.load(g_ptrs, mask=mmask[:, None] & nmask[None, :], other=0.0)
+        if TMA:  # whole tiles by the copy engine, zero-filled past M, N and K
+            gt = GD.load([pid_m * BM, n0])
+            w = WD.load([n0, pid_k * BK])
+        else:
+            gt = tl.load(g_ptrs, mask=mmask[:, None] & nmask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=nmask[:, None] & kmask[None, :], other=0.0)
         if HAS_BS:
             c = tl.load(BS + (rn + n0).to(tl.int64) * sbs, mask=nmask, other=0.0).to(tl.float32)
             gt = (gt.to(tl.float32) * c[None, :]).to(GY.dtype.element_ty)
-        w = tl.load(w_ptrs, mask=nmask[:, None] & kmask[None, :], other=0.0)
         acc = tl.dot(gt, w, acc, input_precision=DOT_PREC)
         g_ptrs += BN * sgn
         w_ptrs += BN * swn
-    ranks = tile_ranks(RIDX, rr, Ra, HAS_RIDX)
     ad = tl.zeros((BM,), tl.int32)
     if BANKED:
         ad = tile_adapters(IDX, rows, mmask, G)
@@ -181,11 +177,10 @@ def dA_kernel(
     # current adapter, one x~ tile [BM, BK] (keep-mask regenerated) and dq [BM, RP]. Rows come
     # sorted by adapter, so the accumulator is added to DA (atomically) only when the adapter
     # changes and at the end.
+    rr, rmask, ranks = rank_block(RIDX, Ra, RP, HAS_RIDX)
     rk = tl.program_id(0) * BK + tl.arange(0, BK)
-    rr = tl.arange(0, RP)
-    kmask, rmask = rk < K, rr < Ra
+    kmask = rk < K
     rk64 = rk.to(tl.int64)
-    ranks = tile_ranks(RIDX, rr, Ra, HAS_RIDX)
     inv_keep = 1.0 / (1.0 - p)
     dtype = X.dtype.element_ty
     da_ptrs = DA + rr[:, None].to(tl.int64) * K + rk64[None, :]
@@ -195,9 +190,7 @@ def dA_kernel(
     acc = tl.zeros((RP, BK), tl.float32)
     cur = tl.program_id(0) * 0 - (1 if BANKED else 0)  # adapter of acc (-1: none yet)
     for m0 in range(m_lo, m_hi, BM):
-        pm = m0 + tl.arange(0, BM)
-        mmask = pm < m_hi
-        rows = tile_rows(PERM, pm, mmask, HAS_PERM)
+        _, mmask, rows = row_block(PERM, m0, m_hi, BM, HAS_PERM)
         x = tl.load(X + rows[:, None] * sxm + rk64[None, :] * sxk, mask=mmask[:, None] & kmask[None, :], other=0.0)
         if DROPOUT:
             x = tl.where(keep_tile(seed, rows, tl.program_id(0) * BK, K, p, BK), x, 0.0).to(dtype)

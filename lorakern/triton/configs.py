@@ -1,5 +1,8 @@
 """Block sizes per kernel, keyed on (M bucket, N, K, Ra): a small table tuned on an H100.
 
+``TMA`` (forward and dx GEMMs, one adapter only): x / g and W tiles through tensor descriptors
+where their layout allows (ARCHITECTURE.md); off in the table until timed on a GPU.
+
 Under ``TRITON_INTERPRET=1`` every kernel runs one small configuration (16-wide blocks, so
 tests cross block boundaries on tiny shapes). ``OVERRIDE`` lets tests and
 ``bench/triton_tune.py`` force entries: ``OVERRIDE["fwd"] = {"FUSE_Q": False}``.
@@ -37,7 +40,7 @@ def fwd(M: int, N: int, K: int, Ra: int, banked: bool, dropout: bool, esize: int
         cfg = dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, FUSE_Q=not dropout)
     else:  # q inside the GEMM (an N=16 MMA beside each N=256 one) beats a separate pass over x
         cfg = dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, FUSE_Q=not dropout)
-    cfg = _with_override("fwd", cfg, "BK", esize)
+    cfg = _with_override("fwd", {"TMA": False, **cfg}, "BK", esize)
     if banked:
         cfg["FUSE_Q"] = False
     return cfg
@@ -90,7 +93,7 @@ def dx(M: int, N: int, K: int, Ra: int, dropout: bool, esize: int) -> dict:
     else:
         cfg = dict(BM=128, BK=256, BN=64, GROUP_M=8, num_warps=8, num_stages=3)
     cfg["FUSE_DA"] = dropout
-    return _with_override("dx", cfg, "BN", esize)
+    return _with_override("dx", {"TMA": False, **cfg}, "BN", esize)
 
 
 def dA(M: int, K: int, Ra: int, sms: int, esize: int) -> dict:

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from lorakern.triton.dropout import keep_tile
-from lorakern.triton.grouping import next_adapter, row_factor, tile_adapters, tile_ranks, tile_rows
+from lorakern.triton.grouping import next_adapter, rank_block, row_block, row_factor, tile_adapters
 
 
 @triton.jit
@@ -28,26 +28,35 @@ def grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def gemm_tile(PERM, RIDX, M, N_OUT, Ra, BM: tl.constexpr, BO: tl.constexpr, RP: tl.constexpr,
+              GROUP_M: tl.constexpr, HAS_PERM: tl.constexpr, HAS_RIDX: tl.constexpr, TMA: tl.constexpr):
+    """This program's [BM, BO] output tile of an [M, N_OUT] GEMM in grouped order: (pid_m, pid_o,
+    row mask, rows, rank positions, rank mask, ranks, output columns, their mask)."""
+    tl.static_assert(not (TMA and HAS_PERM), "TMA reads rows in order")
+    pid_m, pid_o = grouped_pid(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(N_OUT, BO), GROUP_M)
+    _, mmask, rows = row_block(PERM, pid_m * BM, M, BM, HAS_PERM)
+    rr, rmask, ranks = rank_block(RIDX, Ra, RP, HAS_RIDX)
+    ro = pid_o * BO + tl.arange(0, BO)
+    return pid_m, pid_o, mmask, rows, rr, rmask, ranks, ro, ro < N_OUT
+
+
+@triton.jit
 def lora_fwd_kernel(
-    X, W, BIAS, A, B, Q, Y, RIDX, U, V, SG, IDX, PERM, BS,
+    X, W, XD, WD, BIAS, A, B, Q, Y, RIDX, U, V, SG, IDX, PERM, BS,
     M, N, K, Ra, G, scaling, p, inv_keep, seed,
     sxm, sxk, swn, swk, sbias, sAg, sAr, sAk, sBg, sBn, sBr, sUg, sUr, sVg, sVn, sqm, sym, syn, sbs,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, GROUP_M: tl.constexpr,
-    FUSE_Q: tl.constexpr, DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BS: tl.constexpr, HAS_RIDX: tl.constexpr,
-    HAS_U: tl.constexpr, HAS_V: tl.constexpr, HAS_SG: tl.constexpr, BANKED: tl.constexpr,
+    FUSE_Q: tl.constexpr, TMA: tl.constexpr, DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BS: tl.constexpr,
+    HAS_RIDX: tl.constexpr, HAS_U: tl.constexpr, HAS_V: tl.constexpr, HAS_SG: tl.constexpr, BANKED: tl.constexpr,
     HAS_PERM: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # Program: one [BM, BN] tile of y. Registers: the fp32 accumulator [BM, BN] (plus the fp32
     # q accumulator [BM, RP] with FUSE_Q), one x tile [BM, BK], one W tile [BK, BN] and one A
-    # tile [BK, RP] per K step; then t [BM, RP] and one B tile [RP, BN] per adapter.
-    pid_m, pid_n = grouped_pid(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
-    pm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
+    # tile [BK, RP] per K step; then t [BM, RP] and one B tile [RP, BN] per adapter. TMA: x and
+    # W tiles come through tensor descriptors XD [M, K] and WD [N, K] (rows in order: one adapter).
+    pid_m, pid_n, mmask, rows, rr, rmask, ranks, rn, nmask = gemm_tile(PERM, RIDX, M, N, Ra, BM, BN, RP, GROUP_M,
+                                                                       HAS_PERM, HAS_RIDX, TMA)
     rk = tl.arange(0, BK)
-    rr = tl.arange(0, RP)
-    mmask, nmask, rmask = pm < M, rn < N, rr < Ra
-    rows = tile_rows(PERM, pm, mmask, HAS_PERM)
-    ranks = tile_ranks(RIDX, rr, Ra, HAS_RIDX)
     rn64 = rn.to(tl.int64)
     x_ptrs = X + rows[:, None] * sxm + rk[None, :].to(tl.int64) * sxk
     w_ptrs = W + rn64[None, :] * swn + rk[:, None].to(tl.int64) * swk
@@ -56,8 +65,12 @@ def lora_fwd_kernel(
     qacc = tl.zeros((BM, RP), tl.float32)
     for k0 in range(0, K, BK):
         kmask = rk + k0 < K
-        x = tl.load(x_ptrs, mask=mmask[:, None] & kmask[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+        if TMA:  # whole tiles by the copy engine, zero-filled past M, N and K
+            x = XD.load([pid_m * BM, k0])
+            w = tl.trans(WD.load([pid_n * BN, k0]))
+        else:
+            x = tl.load(x_ptrs, mask=mmask[:, None] & kmask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
         acc = tl.dot(x, w, acc, input_precision=DOT_PREC)
         if FUSE_Q:
             a = tl.load(a_ptrs, mask=kmask[:, None] & rmask[None, :], other=0.0)

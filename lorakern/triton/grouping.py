@@ -32,6 +32,23 @@ def tile_rows(PERM, pm, mmask, HAS_PERM: tl.constexpr):
 
 
 @triton.jit
+def row_block(PERM, m0, M, BM: tl.constexpr, HAS_PERM: tl.constexpr):
+    """(positions, mask, rows): the BM tile positions from m0, which of them are below M, and the
+    int64 rows of x behind them."""
+    pm = m0 + tl.arange(0, BM)
+    mmask = pm < M
+    return pm, mmask, tile_rows(PERM, pm, mmask, HAS_PERM)
+
+
+@triton.jit
+def rank_block(RIDX, Ra, RP: tl.constexpr, HAS_RIDX: tl.constexpr):
+    """(positions, mask, ranks): the RP compacted rank positions, which of them are below Ra, and
+    the int64 ranks of A / B behind them."""
+    rr = tl.arange(0, RP)
+    return rr, rr < Ra, tile_ranks(RIDX, rr, Ra, HAS_RIDX)
+
+
+@triton.jit
 def tile_adapters(IDX, rows, mmask, G):
     """int32 adapter of each row; -1 for rows outside the tile and for indices outside [0, G)."""
     a = tl.load(IDX + rows, mask=mmask, other=-1)

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from lorakern.triton.dropout import keep_tile
-from lorakern.triton.grouping import next_adapter, tile_adapters, tile_ranks, tile_rows
+from lorakern.triton.grouping import next_adapter, rank_block, row_block, tile_adapters
 
 
 @triton.jit
@@ -27,12 +27,8 @@ def shrink_kernel(
     # mask of decode-size inputs is the cost, not the bytes). Registers: the fp32 accumulator
     # [BM, RP], one x tile [BM, BK] and one A tile [BK, RP]. Per-row adapters: each K step
     # dots the x tile (other adapters' rows zeroed) with the A tile of every adapter present.
-    pm = tl.program_id(0) * BM + tl.arange(0, BM)
-    mmask = pm < M
-    rows = tile_rows(PERM, pm, mmask, HAS_PERM)
-    rr = tl.arange(0, RP)
-    rmask = rr < Ra
-    ranks = tile_ranks(RIDX, rr, Ra, HAS_RIDX)
+    _, mmask, rows = row_block(PERM, tl.program_id(0) * BM, M, BM, HAS_PERM)
+    rr, rmask, ranks = rank_block(RIDX, Ra, RP, HAS_RIDX)
     k_lo = tl.program_id(1) * k_per_split
     k_hi = tl.minimum(K, k_lo + k_per_split)
     rk = tl.arange(0, BK)
