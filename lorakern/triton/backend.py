@@ -7,8 +7,9 @@ Nothing here syncs with the host, so the op can be captured in a CUDA graph.
 
 ``deterministic``: every sum in a fixed order. Atomics remain only where each element receives
 one add per program, issued in program order (the row-reduction kernel with one row slice);
-split-K / split-N passes and the atomics across row blocks (g-pass P and db, dx's fused dA) are
-turned off, and db comes from a torch column sum.
+split-N g-passes and the atomics across row blocks (g-pass P and db, dx's fused dA) are turned
+off, and db comes from a torch column sum. The split-K shrink is deterministic in either mode
+(per-slice partials that the GEMM sums in slice order).
 """
 from __future__ import annotations
 
@@ -139,19 +140,18 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, ran
     sBg, sBn, sBr = ad.B_strides()
     cfg = configs.fwd(M, N, K, ad.Ra, ad.banked, p > 0, x.element_size())
     flags = ad.flags()
+    split, qp = 1, q
     if not cfg["FUSE_Q"]:
         sc = configs.shrink(M, K, ad.Ra, _sm_count(x.device), x.element_size())
-        if deterministic:
-            sc = {**sc, "SPLIT_K": 1}
         k_per = triton.cdiv(triton.cdiv(K, sc["SPLIT_K"]), sc["BK"]) * sc["BK"]
         split = triton.cdiv(K, k_per)
-        if split > 1:
-            q.zero_()
+        if split > 1:  # one partial q per K slice, summed in slice order by the GEMM
+            qp = alloc.empty((split, M, ad.Ra), dtype=torch.float32, device=x.device)
         shrink_kernel[(triton.cdiv(M, sc["BM"]), split)](
-            x, lora_A, q, ptrs["RIDX"], ptrs["IDX"], ptrs["PERM"],
+            x, lora_A, qp, ptrs["RIDX"], ptrs["IDX"], ptrs["PERM"],
             M, K, ad.Ra, ad.G, p, 1.0 / (1.0 - p), seed, k_per,
-            x.stride(0), x.stride(1), sAg, sAr, sAk, q.stride(0),
-            BM=sc["BM"], BK=sc["BK"], RP=ad.RP, ATOMIC=split > 1, DROPOUT=p > 0, HAS_RIDX=flags["HAS_RIDX"],
+            x.stride(0), x.stride(1), sAg, sAr, sAk, M * ad.Ra, ad.Ra,
+            BM=sc["BM"], BK=sc["BK"], RP=ad.RP, DROPOUT=p > 0, HAS_RIDX=flags["HAS_RIDX"],
             BANKED=ad.banked, HAS_PERM=flags["HAS_PERM"], **_launch_opts(sc, x.dtype))
     sUg, sUr = _vec_strides(ad.u)
     sVg, sVn = _vec_strides(ad.v)
@@ -160,14 +160,14 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, ran
         descs = _descriptors({x: (cfg["BM"], cfg["BK"]), weight: (cfg["BN"], cfg["BK"])})
     grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]),)
     lora_fwd_kernel[grid](
-        x, weight, *(descs or (x, weight)), bias if bias is not None else x, lora_A, lora_B, q, y, ptrs["RIDX"], ptrs["U"], ptrs["V"],
+        x, weight, *(descs or (x, weight)), bias if bias is not None else x, lora_A, lora_B, qp, q, y, ptrs["RIDX"], ptrs["U"], ptrs["V"],
         ptrs["SG"], ptrs["IDX"], ptrs["PERM"], base_scale if base_scale is not None else x,
-        M, N, K, ad.Ra, ad.G, ad.scaling, p, 1.0 / (1.0 - p), seed,
+        M, N, K, ad.Ra, ad.G, ad.scaling, p, 1.0 / (1.0 - p), seed, split,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), bias.stride(0) if bias is not None else 0,
-        sAg, sAr, sAk, sBg, sBn, sBr, sUg, sUr, sVg, sVn, q.stride(0), y.stride(0), y.stride(1),
+        sAg, sAr, sAk, sBg, sBn, sBr, sUg, sUr, sVg, sVn, M * ad.Ra, ad.Ra, y.stride(0), y.stride(1),
         base_scale.stride(0) if base_scale is not None else 0,
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], RP=ad.RP, GROUP_M=cfg["GROUP_M"], FUSE_Q=cfg["FUSE_Q"],
-        TMA=descs is not None, DROPOUT=p > 0, HAS_BIAS=bias is not None, HAS_BS=base_scale is not None,
+        TMA=descs is not None, SUM_Q=split > 1, DROPOUT=p > 0, HAS_BIAS=bias is not None, HAS_BS=base_scale is not None,
         HAS_V=ad.v is not None, **flags, **_launch_opts(cfg, x.dtype))
     return y, q
 

@@ -47,7 +47,8 @@ def fwd(M: int, N: int, K: int, Ra: int, banked: bool, dropout: bool, esize: int
 
 
 def shrink(M: int, K: int, Ra: int, sms: int, esize: int) -> dict:
-    """The shrink pass; SPLIT_K column slices (added atomically) so that few rows fill the GPU."""
+    """The shrink pass; SPLIT_K column slices (partial q each, summed by the GEMM) so that few rows
+    fill the GPU."""
     if interpreting():
         return _with_override("shrink", dict(BM=16, BK=16, num_warps=4, num_stages=1, SPLIT_K=2), "BK", esize)
     if M > 1024:

@@ -7,7 +7,8 @@ The K loop runs over x / W tiles; the adapter adds one more inner step per adapt
 the tile, reading t (from q, scaled by s * u per row) and B (scaled by v) from their own
 pointers: the concatenation is never materialised and y is written once. With ``FUSE_Q`` the K
 loop also accumulates ``q = x~ A^T`` from the x tile it already holds (one kernel for the whole
-forward; the programs with pid_n == 0 write q).
+forward; the programs with pid_n == 0 write q); otherwise it reads the shrink's q, or sums the
+shrink's per-K-slice partials in slice order and the programs with pid_n == 0 write the sum.
 """
 from __future__ import annotations
 
@@ -42,11 +43,11 @@ def gemm_tile(PERM, RIDX, M, N_OUT, Ra, BM: tl.constexpr, BO: tl.constexpr, RP: 
 
 @triton.jit
 def lora_fwd_kernel(
-    X, W, XD, WD, BIAS, A, B, Q, Y, RIDX, U, V, SG, IDX, PERM, BS,
-    M, N, K, Ra, G, scaling, p, inv_keep, seed,
-    sxm, sxk, swn, swk, sbias, sAg, sAr, sAk, sBg, sBn, sBr, sUg, sUr, sVg, sVn, sqm, sym, syn, sbs,
+    X, W, XD, WD, BIAS, A, B, QP, Q, Y, RIDX, U, V, SG, IDX, PERM, BS,
+    M, N, K, Ra, G, scaling, p, inv_keep, seed, n_split,
+    sxm, sxk, swn, swk, sbias, sAg, sAr, sAk, sBg, sBn, sBr, sUg, sUr, sVg, sVn, sqs, sqm, sym, syn, sbs,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, GROUP_M: tl.constexpr,
-    FUSE_Q: tl.constexpr, TMA: tl.constexpr, DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BS: tl.constexpr,
+    FUSE_Q: tl.constexpr, TMA: tl.constexpr, SUM_Q: tl.constexpr, DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BS: tl.constexpr,
     HAS_RIDX: tl.constexpr, HAS_U: tl.constexpr, HAS_V: tl.constexpr, HAS_SG: tl.constexpr, BANKED: tl.constexpr,
     HAS_PERM: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -87,8 +88,13 @@ def lora_fwd_kernel(
     if FUSE_Q:
         q = qacc * inv_keep if DROPOUT else qacc
         tl.store(q_ptrs, q, mask=qmask & (pid_n == 0))
-    else:
-        q = tl.load(q_ptrs, mask=qmask, other=0.0)
+    else:  # the shrink's q: with SUM_Q, the sum of its n_split partials (QP [n_split, M, Ra]) in order
+        qp_ptrs = QP + rows[:, None] * sqm + rr[None, :]
+        q = tl.load(qp_ptrs, mask=qmask, other=0.0)
+        for s in range(1, n_split):
+            q += tl.load(qp_ptrs + s * sqs, mask=qmask, other=0.0)
+        if SUM_Q:
+            tl.store(q_ptrs, q, mask=qmask & (pid_n == 0))
     ad = tl.zeros((BM,), tl.int32)
     if BANKED:
         ad = tile_adapters(IDX, rows, mmask, G)

@@ -1,4 +1,4 @@
-"""Shrink: ``q = x~ A^T`` in fp32, one pass over x with dropout applied in the kernel.
+"""Shrink: ``q = x~ A^T`` in fp32 (per K slice), one pass over x with dropout applied in the kernel.
 
 Used by the forward when the GEMM does not compute q itself (per-row adapters, or where the
 configuration table says a separate pass is faster).
@@ -16,15 +16,16 @@ from lorakern.triton.grouping import next_adapter, rank_block, row_block, tile_a
 def shrink_kernel(
     X, A, Q, RIDX, IDX, PERM,
     M, K, Ra, G, p, inv_keep, seed, k_per_split,
-    sxm, sxk, sAg, sAr, sAk, sqm,
-    BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, ATOMIC: tl.constexpr,
+    sxm, sxk, sAg, sAr, sAk, sqs, sqm,
+    BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr,
     DROPOUT: tl.constexpr, HAS_RIDX: tl.constexpr, BANKED: tl.constexpr, HAS_PERM: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     # Program: BM rows (in visiting order) x all RP compacted ranks over one slice of
-    # k_per_split columns, walked in BK steps; with several slices (ATOMIC) q is zeroed first
-    # and each slice adds its share atomically, so that few rows still fill the GPU (the keep
-    # mask of decode-size inputs is the cost, not the bytes). Registers: the fp32 accumulator
+    # k_per_split columns, walked in BK steps. With several slices each writes its partial q
+    # (Q is [slices, M, Ra]; the GEMM sums them in slice order: no memset, no atomics, the same
+    # bits every run), so that few rows still fill the GPU (the keep mask of decode-size inputs
+    # is the cost, not the bytes). Registers: the fp32 accumulator
     # [BM, RP], one x tile [BM, BK] and one A tile [BK, RP]. Per-row adapters: each K step
     # dots the x tile (other adapters' rows zeroed) with the A tile of every adapter present.
     _, mmask, rows = row_block(PERM, tl.program_id(0) * BM, M, BM, HAS_PERM)
@@ -57,8 +58,5 @@ def shrink_kernel(
         a_ptrs += BK * sAk
     if DROPOUT:
         acc = acc * inv_keep
-    q_ptrs = Q + rows[:, None] * sqm + rr[None, :]
-    if ATOMIC:
-        tl.atomic_add(q_ptrs, acc, mask=mmask[:, None] & rmask[None, :])
-    else:
-        tl.store(q_ptrs, acc, mask=mmask[:, None] & rmask[None, :])
+    q_ptrs = Q + tl.program_id(1) * sqs + rows[:, None] * sqm + rr[None, :]
+    tl.store(q_ptrs, acc, mask=mmask[:, None] & rmask[None, :])
