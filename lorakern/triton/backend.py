@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import triton
 
 from lorakern import alloc
 from lorakern.reference import base_scale_grad
@@ -36,6 +35,12 @@ def _check(x: torch.Tensor) -> None:
         raise TypeError(f"x: the triton backend takes float16, bfloat16 or float32, got {x.dtype}")
     if x.device.type != "cuda" and not configs.interpreting():
         raise ValueError(f"x: the triton backend runs on CUDA (or on CPU under TRITON_INTERPRET=1), got {x.device}")
+
+
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) in plain Python: triton.cdiv is a ConstexprFunction in recent triton, ~5 us a
+    call on the host, and a launch computes several."""
+    return -(-a // b)
 
 
 @functools.lru_cache(maxsize=None)
@@ -73,7 +78,7 @@ class _Adapter:
         Ra = A.shape[-2] if rank_idx is None else rank_idx.shape[0]
         idx = adapter_index.contiguous() if adapter_index is not None else None
         return cls(A=A, B=B, banked=banked, G=A.shape[0] if banked else 1, Ra=Ra,
-                   RP=max(16, triton.next_power_of_2(Ra)), scaling=float(scaling),
+                   RP=max(16, 1 << (Ra - 1).bit_length()), scaling=float(scaling),
                    ridx=rank_idx.contiguous() if rank_idx is not None else None, u=rank_scale, v=out_scale,
                    sg=scaling_g.contiguous() if scaling_g is not None else None, idx=idx, perm=sort_rows(idx))
 
@@ -143,11 +148,11 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, ran
     split, qp = 1, q
     if not cfg["FUSE_Q"]:
         sc = configs.shrink(M, K, ad.Ra, _sm_count(x.device), x.element_size())
-        k_per = triton.cdiv(triton.cdiv(K, sc["SPLIT_K"]), sc["BK"]) * sc["BK"]
-        split = triton.cdiv(K, k_per)
+        k_per = _cdiv(_cdiv(K, sc["SPLIT_K"]), sc["BK"]) * sc["BK"]
+        split = _cdiv(K, k_per)
         if split > 1:  # one partial q per K slice, summed in slice order by the GEMM
             qp = alloc.empty((split, M, ad.Ra), dtype=torch.float32, device=x.device)
-        shrink_kernel[(triton.cdiv(M, sc["BM"]), split)](
+        shrink_kernel[(_cdiv(M, sc["BM"]), split)](
             x, lora_A, qp, ptrs["RIDX"], ptrs["IDX"], ptrs["PERM"],
             M, K, ad.Ra, ad.G, p, 1.0 / (1.0 - p), seed, k_per,
             x.stride(0), x.stride(1), sAg, sAr, sAk, M * ad.Ra, ad.Ra,
@@ -158,7 +163,7 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, ran
     descs = None
     if cfg["TMA"] and not ad.banked:
         descs = _descriptors({x: (cfg["BM"], cfg["BK"]), weight: (cfg["BN"], cfg["BK"])})
-    grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]),)
+    grid = (_cdiv(M, cfg["BM"]) * _cdiv(N, cfg["BN"]),)
     lora_fwd_kernel[grid](
         x, weight, *(descs or (x, weight)), bias if bias is not None else x, lora_A, lora_B, qp, q, y, ptrs["RIDX"], ptrs["U"], ptrs["V"],
         ptrs["SG"], ptrs["IDX"], ptrs["PERM"], base_scale if base_scale is not None else x,
@@ -187,18 +192,19 @@ def _per_adapter(per_g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def _dt_P_by_mm(g, q, ad: _Adapter, need_dt: bool, need_P: bool):
     """One adapter: dt = g (v*B) [M, Ra] and P = g^T t [1, N, Ra] as two skinny cuBLAS products
-    (each reads g once at about full bandwidth), fp32."""
+    (each reads g once at about full bandwidth), in g's dtype: the products round to it anyway,
+    and the kernels and torch ops that take them compute in fp32 (no conversion launches)."""
     B = ad.B if ad.ridx is None else ad.B.index_select(1, ad.ridx)
     dt = P = None
     if need_dt:
         vB = B if ad.v is None else B * ad.v[:, None]
-        dt = torch.mm(g, vB.to(g.dtype)).float()
+        dt = torch.mm(g, vB.to(g.dtype))
     if need_P:
         f = ad.u.float() if ad.u is not None else None
         if f is not None and ad.ridx is not None:
             f = f.index_select(0, ad.ridx)
         t = q * ad.scaling if f is None else q * (f * ad.scaling)
-        P = torch.mm(g.t(), t.to(g.dtype)).float().unsqueeze(0)
+        P = torch.mm(g.t(), t.to(g.dtype)).unsqueeze(0)
     return dt, P
 
 
@@ -210,9 +216,9 @@ def _row_reduce(X, rowv, out, ad: _Adapter, ptrs: dict, flags: dict, p: float, s
     cfg = configs.dA(M, K, ad.Ra, _sm_count(X.device), X.element_size())
     if deterministic:
         cfg = {**cfg, "SPLIT_M": 1}
-    rows_per = triton.cdiv(triton.cdiv(M, cfg["SPLIT_M"]), cfg["BM"]) * cfg["BM"]
+    rows_per = _cdiv(_cdiv(M, cfg["SPLIT_M"]), cfg["BM"]) * cfg["BM"]
     sUg, sUr = _vec_strides(ad.u)
-    dA_kernel[(triton.cdiv(K, cfg["BK"]), triton.cdiv(M, rows_per))](
+    dA_kernel[(_cdiv(K, cfg["BK"]), _cdiv(M, rows_per))](
         X, rowv, out, ptrs["RIDX"], ptrs["U"], ptrs["SG"], ptrs["IDX"], ptrs["PERM"],
         M, K, ad.Ra, ad.G, ad.scaling, p, seed, rows_per,
         X.stride(0), X.stride(1), sUg, sUr, rowv.stride(0),
@@ -247,15 +253,15 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, 
     dt = P = db = None
     if cublas and (need_dt or need_P):
         dt, P = _dt_P_by_mm(g, q, ad, need_dt, need_P)
-        db = g.sum(0, dtype=f32) if n_b else None
+        db = g.sum(0) if n_b else None  # fp32 accumulation, rounded once
     elif need_dt or (need_P and not p_apart):
-        n_per = triton.cdiv(triton.cdiv(N, cfg["SPLIT_N"]), cfg["BN"]) * cfg["BN"]
-        split = triton.cdiv(N, n_per)
+        n_per = _cdiv(_cdiv(N, cfg["SPLIT_N"]), cfg["BN"]) * cfg["BN"]
+        split = _cdiv(N, n_per)
         if need_dt:
             dt = (torch.zeros if split > 1 else alloc.empty)((M, ad.Ra), dtype=f32, device=dev)
         P = torch.zeros((ad.G, N, ad.Ra), dtype=f32, device=dev) if need_P and not p_apart else None
         db = torch.zeros(N, dtype=f32, device=dev) if n_b and not db_apart else None
-        gpass_kernel[(triton.cdiv(M, cfg["BM"]), split)](
+        gpass_kernel[(_cdiv(M, cfg["BM"]), split)](
             g, lora_B, ptrs["V"], q, dt if dt is not None else q, P if P is not None else q,
             db if db is not None else q, ptrs["RIDX"], ptrs["U"], ptrs["SG"], ptrs["IDX"], ptrs["PERM"],
             M, N, ad.Ra, ad.G, ad.scaling, n_per,
@@ -263,7 +269,7 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, 
             BM=cfg["BM"], BN=cfg["BN"], RP=ad.RP, NEED_DT=need_dt, NEED_P=P is not None, NEED_DB=db is not None,
             ATOMIC_DT=split > 1, HAS_V=ad.v is not None, **flags, **_launch_opts(cfg, x.dtype))
     if n_b and db is None:
-        db = g.sum(0, dtype=f32)
+        db = g.sum(0)
     if p_apart:
         PT = torch.zeros((ad.G, ad.Ra, N), dtype=f32, device=dev)
         _row_reduce(g, q, PT, ad, ptrs, flags, 0.0, 0, deterministic)
@@ -280,7 +286,7 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, 
         descs = None
         if cfg["TMA"] and not ad.banked:
             descs = _descriptors({g: (cfg["BM"], cfg["BN"]), weight: (cfg["BN"], cfg["BK"])})
-        grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(K, cfg["BK"]),)
+        grid = (_cdiv(M, cfg["BM"]) * _cdiv(K, cfg["BK"]),)
         dx_kernel[grid](
             g, weight, *(descs or (g, weight)), lora_A, dt, dx, x, da_buf if fuse_da else dt, ptrs["RIDX"], ptrs["U"], ptrs["SG"],
             ptrs["IDX"], ptrs["PERM"], base_scale if base_scale is not None else g,
@@ -306,7 +312,7 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, 
         if n_B:
             dB = _scatter_ranks(P if v is None else P * v, lora_B, ad.ridx, lora_B.dim() - 1)
         if n_v:
-            dv = _per_adapter((P * Bsel.float()).sum(-1), out_scale).to(out_scale.dtype)
+            dv = _per_adapter((P.float() * Bsel.float()).sum(-1), out_scale).to(out_scale.dtype)
 
     du = None
     if n_u:

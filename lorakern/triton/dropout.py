@@ -50,6 +50,6 @@ def dropout_keep(seed: int, M: int, K: int, p: float, device) -> torch.Tensor:
     """
     out = alloc.empty((M, K), dtype=torch.int8, device=device)
     if M and K:
-        grid = (triton.cdiv(M, 32), triton.cdiv(K, 64))
+        grid = (-(-M // 32), -(-K // 64))
         _keep_kernel[grid](out, M, K, float(p), int(seed), BM=32, BK=64)
     return out.bool()
