@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from test_op import run_and_check
@@ -105,7 +105,13 @@ def _with_examples(fn):
     return fn
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# On a GPU a failing draw is reported as drawn, not shrunk: shrinking there recompiles kernels for
+# every smaller shape, and in H100 run D it used up the time limit before the draw was printed.
+GPU_PHASES = (Phase.explicit, Phase.reuse, Phase.generate)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
+          phases=GPU_PHASES if torch.cuda.is_available() else tuple(Phase))
 @_with_examples
 @given(spec=SPEC)
 def test_fuzz_against_oracle(case, spec):
