@@ -549,7 +549,14 @@ def add_ratios(records: list[dict]) -> None:
     case_key = lambda r: shape_key(r) + (r["dropout"], r["masked"], r["adapters"])  # noqa: E731
     base = {shape_key(r): r for r in records if r["provider"] == "base"}
     peft = {case_key(r): r["median_ms"] for r in records if r["provider"] == "peft"}
+    plain = {(r["provider"],) + shape_key(r) + (r["dropout"], r["adapters"]): r["median_ms"] for r in records
+             if not r["masked"]}
     for r in records:
+        if r["masked"]:
+            half = plain.get((r["provider"], r["mode"], r["M"], r["K"], r["N"], r["r"] // 2, r["dtype"],
+                              r["dropout"], r["adapters"]))
+            if half is not None:
+                r["ratio_to_half_rank"] = r["median_ms"] / half
         b = base.get(shape_key(r))
         if b is not None:
             r["ratio_to_base"] = r["median_ms"] / b["median_ms"]
@@ -592,8 +599,10 @@ def select_cases(args: argparse.Namespace, device: torch.device) -> list[Case]:
         extra = [Shape(M, K, N, r) for M in variant_M for K, N in variant_KN for r in rs]
     modes = args.modes or MODES
     extras = []
+    half = []  # plain cases at half the rank: what a masked half of the ranks should cost
     if "masked" in args.variants:
         extras.append(Variant(masked=True))
+        half = [Shape(sh.M, sh.K, sh.N, sh.r // 2) for sh in extra if sh.r >= 2]
     if "adapters" in args.variants:
         extras.append(Variant(adapters=ADAPTERS))
     cases = []
@@ -601,6 +610,7 @@ def select_cases(args: argparse.Namespace, device: torch.device) -> list[Case]:
         if "plain" in args.variants:
             cases += [Case(mode, sh, Variant(dropout=p)) for sh in plain for p in args.dropout]
         cases += [Case(mode, sh, v) for sh in extra for v in extras]
+        cases += [Case(mode, sh, Variant()) for sh in half]
     cases = sorted(set(cases))
     if args.part:
         k, n = args.part
@@ -702,6 +712,12 @@ def print_table(records: Sequence[dict], providers: Sequence[str], out=sys.stdou
               if p.startswith("lorakern-") and p in provs and "speedup_vs_peft" in provs[p]]
         line += f" {_fmt_ratio(max(lk) if lk else None):>8}"
         print(line, file=out)
+    halves = [r for r in records if "ratio_to_half_rank" in r and r["provider"].startswith("lorakern-")]
+    if halves:
+        print("half the ranks masked, time / time of the plain layer at half the rank (target <= 1.02):", file=out)
+    for r in sorted(halves, key=lambda r: (r["provider"], r["mode"], r["M"], r["K"], r["N"])):
+        print(f"  {r['provider']:<16} {r['mode']:<6} M={r['M']:<5} K={r['K']:<5} N={r['N']:<5} r={r['r']}: "
+              f"{r['ratio_to_half_rank']:.3f}", file=out)
 
 
 def plot(records: Sequence[dict], providers: Sequence[str], path: str, title: str) -> None:

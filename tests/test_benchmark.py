@@ -1,0 +1,35 @@
+"""lorakern.benchmark's case selection and derived ratios (no timing: synthetic records)."""
+from __future__ import annotations
+
+import io
+
+import torch
+
+from lorakern import benchmark as bm
+
+
+def _record(provider, ms, *, r=16, masked=False, mode="fwd", M=16):
+    return {"provider": provider, "mode": mode, "M": M, "K": 256, "N": 256, "r": r, "dtype": "fp32",
+            "dropout": 0.0, "median_ms": ms, "masked": masked, "adapters": 1}
+
+
+def test_masked_variant_brings_its_half_rank_cases():
+    args = bm._parser().parse_args(["--quick", "--device", "cpu", "--modes", "fwd"])
+    cases = bm.select_cases(args, torch.device("cpu"))
+    masked = {c.shape for c in cases if c.variant.masked}
+    plain = {c.shape for c in cases if c.variant == bm.Variant()}
+    assert masked and all(bm.Shape(s.M, s.K, s.N, s.r // 2) in plain for s in masked)
+    args = bm._parser().parse_args(["--quick", "--device", "cpu", "--modes", "fwd", "--variants", "plain"])
+    assert all(c.shape.r == 16 for c in bm.select_cases(args, torch.device("cpu")))
+
+
+def test_ratio_to_half_rank_pairs_the_same_provider_and_shape():
+    recs = [_record("base", 1.0), _record("lorakern-triton", 2.2, masked=True), _record("lorakern-triton", 2.0, r=8),
+            _record("lorakern-torch", 3.0, masked=True), _record("lorakern-torch", 1.5, r=8, M=128)]
+    bm.add_ratios(recs)
+    assert abs(recs[1]["ratio_to_half_rank"] - 1.1) < 1e-12
+    assert "ratio_to_half_rank" not in recs[3]  # its half-rank record has another M
+    assert all("ratio_to_half_rank" not in r for r in recs if not r["masked"])
+    out = io.StringIO()
+    bm.print_table(recs, ["base", "lorakern-triton", "lorakern-torch"], out=out)
+    assert "lorakern-triton  fwd    M=16    K=256   N=256   r=16: 1.100" in out.getvalue()
