@@ -236,7 +236,8 @@ def test_host_philox_matches_triton_interpreter(host_philox):
         cnt, seed = torch.load(sys.argv[1]), int(sys.argv[2])
         words = torch.empty((4, cnt.numel()), dtype=torch.float32)
         k[(triton.cdiv(cnt.numel(), 128),)](words, cnt, cnt.numel(), seed, BLOCK=128)
-        masks = {(M, K, p): dropout_keep(seed, M, K, p, "cpu") for M, K in ((9, 1), (5, 13), (4, 130)) for p in (0.1, 0.5)}
+        shapes = ((9, 1), (5, 13), (4, 130))
+        masks = {(M, K, p): dropout_keep(seed, M, K, p, "cpu") for M, K in shapes for p in (0.1, 0.5)}
         torch.save((words, masks), sys.argv[3])
     """)
     d = Path(os.environ.get("PYTEST_TMP", "/tmp")) / f"lk_philox_{os.getpid()}"

@@ -182,7 +182,7 @@ def test_tma(env, override, monkeypatch, p):
     override("dx", TMA=True)
     made = []
     real = backend._descriptors
-    monkeypatch.setattr(backend, "_descriptors", lambda blocks: made.append(real(blocks)) or made[-1])
+    monkeypatch.setattr(backend, "_descriptors", lambda *tiles: made.append(real(*tiles)) or made[-1])
     M, K, N, R = shape(dev, (37, 48, 40, 6), (1237, 1024, 776, 13))
     t, kw = make(dev, dt, M, K, N, R, rank_scale="shared", out_scale="shared")
     check(dt, t, kw, dropout_p=p)

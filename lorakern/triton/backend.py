@@ -110,17 +110,16 @@ def _tma_device(device: torch.device) -> bool:
     return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def _descriptors(blocks: dict) -> Optional[list]:
-    """Tensor descriptors for ``{2-D tensor: (rows, cols) block}``, or None unless every tensor
+def _descriptors(*tiles: tuple[torch.Tensor, tuple[int, int]]) -> Optional[list]:
+    """Tensor descriptors for (2-D tensor, (rows, cols) block) pairs, or None unless every tensor
     has a contiguous last dimension, 16-byte aligned base and row stride, and no empty dimension."""
-    ts = list(blocks)
-    if not _tma_device(ts[0].device):
+    if not _tma_device(tiles[0][0].device):
         return None
-    for t in ts:
+    for t, _ in tiles:
         if t.stride(1) != 1 or t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16 or 0 in t.shape:
             return None
     from triton.tools.tensor_descriptor import TensorDescriptor
-    return [TensorDescriptor(t, list(t.shape), [t.stride(0), 1], list(blocks[t])) for t in ts]
+    return [TensorDescriptor(t, list(t.shape), [t.stride(0), 1], list(block)) for t, block in tiles]
 
 
 def _launch_opts(cfg: dict, dtype: torch.dtype) -> dict:
@@ -162,18 +161,19 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, ran
     sVg, sVn = _vec_strides(ad.v)
     descs = None
     if cfg["TMA"] and not ad.banked:
-        descs = _descriptors({x: (cfg["BM"], cfg["BK"]), weight: (cfg["BN"], cfg["BK"])})
+        descs = _descriptors((x, (cfg["BM"], cfg["BK"])), (weight, (cfg["BN"], cfg["BK"])))
     grid = (_cdiv(M, cfg["BM"]) * _cdiv(N, cfg["BN"]),)
     lora_fwd_kernel[grid](
-        x, weight, *(descs or (x, weight)), bias if bias is not None else x, lora_A, lora_B, qp, q, y, ptrs["RIDX"], ptrs["U"], ptrs["V"],
-        ptrs["SG"], ptrs["IDX"], ptrs["PERM"], base_scale if base_scale is not None else x,
+        x, weight, *(descs or (x, weight)), bias if bias is not None else x, lora_A, lora_B, qp, q, y,
+        ptrs["RIDX"], ptrs["U"], ptrs["V"], ptrs["SG"], ptrs["IDX"], ptrs["PERM"],
+        base_scale if base_scale is not None else x,
         M, N, K, ad.Ra, ad.G, ad.scaling, p, 1.0 / (1.0 - p), seed, split,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), bias.stride(0) if bias is not None else 0,
         sAg, sAr, sAk, sBg, sBn, sBr, sUg, sUr, sVg, sVn, M * ad.Ra, ad.Ra, y.stride(0), y.stride(1),
         base_scale.stride(0) if base_scale is not None else 0,
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], RP=ad.RP, GROUP_M=cfg["GROUP_M"], FUSE_Q=cfg["FUSE_Q"],
-        TMA=descs is not None, SUM_Q=split > 1, DROPOUT=p > 0, HAS_BIAS=bias is not None, HAS_BS=base_scale is not None,
-        HAS_V=ad.v is not None, **flags, **_launch_opts(cfg, x.dtype))
+        TMA=descs is not None, SUM_Q=split > 1, DROPOUT=p > 0, HAS_BIAS=bias is not None,
+        HAS_BS=base_scale is not None, HAS_V=ad.v is not None, **flags, **_launch_opts(cfg, x.dtype))
     return y, q
 
 
@@ -285,10 +285,11 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, 
         dx = alloc.empty((M, K), dtype=x.dtype, device=dev)
         descs = None
         if cfg["TMA"] and not ad.banked:
-            descs = _descriptors({g: (cfg["BM"], cfg["BN"]), weight: (cfg["BN"], cfg["BK"])})
+            descs = _descriptors((g, (cfg["BM"], cfg["BN"])), (weight, (cfg["BN"], cfg["BK"])))
         grid = (_cdiv(M, cfg["BM"]) * _cdiv(K, cfg["BK"]),)
         dx_kernel[grid](
-            g, weight, *(descs or (g, weight)), lora_A, dt, dx, x, da_buf if fuse_da else dt, ptrs["RIDX"], ptrs["U"], ptrs["SG"],
+            g, weight, *(descs or (g, weight)), lora_A, dt, dx, x, da_buf if fuse_da else dt,
+            ptrs["RIDX"], ptrs["U"], ptrs["SG"],
             ptrs["IDX"], ptrs["PERM"], base_scale if base_scale is not None else g,
             M, N, K, ad.Ra, ad.G, ad.scaling, p, seed,
             g.stride(0), g.stride(1), weight.stride(0), weight.stride(1), sAg, sAr, sAk, sUg, sUr,

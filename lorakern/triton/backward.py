@@ -97,7 +97,8 @@ def dx_kernel(
     sgm, sgn, swn, swk, sAg, sAr, sAk, sUg, sUr, sdtm, sdxm, sdxk, sxm, sxk, sbs,
     BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr, GROUP_M: tl.constexpr,
     FUSE_DA: tl.constexpr, TMA: tl.constexpr, HAS_BS: tl.constexpr, DROPOUT: tl.constexpr,
-    HAS_RIDX: tl.constexpr, HAS_U: tl.constexpr, HAS_SG: tl.constexpr, BANKED: tl.constexpr, HAS_PERM: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_RIDX: tl.constexpr, HAS_U: tl.constexpr, HAS_SG: tl.constexpr, BANKED: tl.constexpr, HAS_PERM: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     # Program: one [BM, BK] tile of dx = (g * c) W (c: the base scale, HAS_BS), the inner loop
     # over N in BN steps; then the adapter part (dq A) [BM, BK] per adapter in the tile, times

@@ -47,9 +47,9 @@ def lora_fwd_kernel(
     M, N, K, Ra, G, scaling, p, inv_keep, seed, n_split,
     sxm, sxk, swn, swk, sbias, sAg, sAr, sAk, sBg, sBn, sBr, sUg, sUr, sVg, sVn, sqs, sqm, sym, syn, sbs,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, GROUP_M: tl.constexpr,
-    FUSE_Q: tl.constexpr, TMA: tl.constexpr, SUM_Q: tl.constexpr, DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BS: tl.constexpr,
-    HAS_RIDX: tl.constexpr, HAS_U: tl.constexpr, HAS_V: tl.constexpr, HAS_SG: tl.constexpr, BANKED: tl.constexpr,
-    HAS_PERM: tl.constexpr, DOT_PREC: tl.constexpr,
+    FUSE_Q: tl.constexpr, TMA: tl.constexpr, SUM_Q: tl.constexpr, DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_BS: tl.constexpr, HAS_RIDX: tl.constexpr, HAS_U: tl.constexpr, HAS_V: tl.constexpr, HAS_SG: tl.constexpr,
+    BANKED: tl.constexpr, HAS_PERM: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # Program: one [BM, BN] tile of y. Registers: the fp32 accumulator [BM, BN] (plus the fp32
     # q accumulator [BM, RP] with FUSE_Q), one x tile [BM, BK], one W tile [BK, BN] and one A
