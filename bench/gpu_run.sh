@@ -5,7 +5,8 @@
 #   bash bench/gpu_run.sh                 # tests, then bench; files under $OUT (default ./out)
 #   bash bench/gpu_run.sh tests           # only the gpu test tier (+ compute-sanitizer)
 #   bash bench/gpu_run.sh bench           # only `lorakern bench --quick`
-#   bash bench/gpu_run.sh tune            # only the M = 8192 kernel breakdown and configuration sweep
+#   bash bench/gpu_run.sh tune            # where eager host time goes (bench/host_profile.py), then the
+#                                         # M = 8192 kernel breakdown and configuration sweep
 #                                         # (bench/triton_tune.py --sweep-only: TMA on / off first)
 #   LORAKERN_COMMIT=<sha> bash bench/gpu_run.sh   # where the copy carries no .git
 #
@@ -59,6 +60,8 @@ if [ "$WHAT" != bench ]; then
 fi
 
 if [ "$WHAT" = tune ]; then
+    echo "== eager host time per call ($GPU)"
+    timeout 120 python3 bench/host_profile.py 2>&1 | tee "$OUT/host-$GPU.log" | head -n 45
     echo "== triton kernel breakdown and configuration sweep at M = 8192 ($GPU)"
     timeout "$SHARD_TIMEOUT" python3 bench/triton_tune.py --sweep-only 2>&1 | tee "$OUT/tune-$GPU.log"
     exit "${PIPESTATUS[0]}"

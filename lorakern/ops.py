@@ -19,11 +19,17 @@ _MODULES = {"torch": "lorakern.reference", "triton": "lorakern.triton", "cuda": 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+_LOADED: dict = {}  # name -> module: the op asks on every call, and import_module costs microseconds
+
+
 def get_backend(name: str):
     """The backend module called ``name`` (see ARCHITECTURE.md for its interface)."""
-    if name not in _MODULES:
-        raise ValueError(f"backend: expected one of {('auto',) + BACKENDS}, got {name!r}")
-    return importlib.import_module(_MODULES[name])
+    mod = _LOADED.get(name)
+    if mod is None:
+        if name not in _MODULES:
+            raise ValueError(f"backend: expected one of {('auto',) + BACKENDS}, got {name!r}")
+        mod = _LOADED[name] = importlib.import_module(_MODULES[name])
+    return mod
 
 
 def backend_status(name: str) -> tuple[bool, str]:
@@ -35,13 +41,15 @@ def backend_status(name: str) -> tuple[bool, str]:
     return mod.available()
 
 
-def _runs_on(name: str, device: torch.device) -> bool:
-    ok, _ = backend_status(name)
-    if not ok:
-        return False
+def _device_ok(name: str, device: torch.device) -> bool:
+    """Whether backend ``name`` (available) computes on ``device``."""
     if device.type == "cpu":
         return name == "torch" or (name == "triton" and os.environ.get("TRITON_INTERPRET") == "1")
     return device.type == "cuda" or name == "torch"
+
+
+def _runs_on(name: str, device: torch.device) -> bool:
+    return backend_status(name)[0] and _device_ok(name, device)
 
 
 def resolve_backend(backend: str, x: torch.Tensor, M: int, K: int, N: int, R: int) -> str:
@@ -52,7 +60,7 @@ def resolve_backend(backend: str, x: torch.Tensor, M: int, K: int, N: int, R: in
         ok, why = backend_status(backend)
         if not ok:
             raise RuntimeError(f"backend {backend!r} is {why}")
-        if not _runs_on(backend, x.device):
+        if not _device_ok(backend, x.device):
             raise ValueError(f"backend: {backend!r} cannot run on device {x.device}")
         return backend
     if x.device.type != "cuda" or x.dtype == torch.float64:
