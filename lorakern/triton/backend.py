@@ -7,9 +7,9 @@ Nothing here syncs with the host, so the op can be captured in a CUDA graph.
 
 ``deterministic``: every sum in a fixed order. Atomics remain only where each element receives
 one add per program, issued in program order (the row-reduction kernel with one row slice);
-split-N g-passes and the atomics across row blocks (g-pass P and db, dx's fused dA) are turned
-off, and db comes from a torch column sum. The split-K shrink is deterministic in either mode
-(per-slice partials that the GEMM sums in slice order).
+the atomics across row blocks (g-pass P and db, dx's fused dA) are turned off, and db comes
+from a torch column sum. The split-K shrink and the split-N g-pass are deterministic in either
+mode: each slice writes its partial q / dt, summed in slice order by the GEMM / a torch sum.
 """
 from __future__ import annotations
 
@@ -246,7 +246,7 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, 
     need_dt, need_P = n_x or n_A or n_u, n_B or n_v
     cfg = configs.gpass(M, N, ad.Ra, _sm_count(dev), x.element_size())
     if deterministic:
-        cfg = {**cfg, "SPLIT_N": 1, "P_APART": True}
+        cfg = {**cfg, "P_APART": True}
     db_apart = n_b and deterministic
     cublas = cfg["CUBLAS"] and not ad.banked  # dt and P by cuBLAS: no atomics either
     p_apart = need_P and cfg["P_APART"] and not cublas  # P^T = t^T g by the row-reduction kernel
@@ -257,17 +257,19 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, 
     elif need_dt or (need_P and not p_apart):
         n_per = _cdiv(_cdiv(N, cfg["SPLIT_N"]), cfg["BN"]) * cfg["BN"]
         split = _cdiv(N, n_per)
-        if need_dt:
-            dt = (torch.zeros if split > 1 else alloc.empty)((M, ad.Ra), dtype=f32, device=dev)
+        if need_dt:  # one partial dt per N slice, summed below in slice order (no atomics)
+            dt = alloc.empty((split, M, ad.Ra), dtype=f32, device=dev)
         P = torch.zeros((ad.G, N, ad.Ra), dtype=f32, device=dev) if need_P and not p_apart else None
         db = torch.zeros(N, dtype=f32, device=dev) if n_b and not db_apart else None
         gpass_kernel[(_cdiv(M, cfg["BM"]), split)](
             g, lora_B, ptrs["V"], q, dt if dt is not None else q, P if P is not None else q,
             db if db is not None else q, ptrs["RIDX"], ptrs["U"], ptrs["SG"], ptrs["IDX"], ptrs["PERM"],
             M, N, ad.Ra, ad.G, ad.scaling, n_per,
-            g.stride(0), g.stride(1), sBg, sBn, sBr, sUg, sUr, sVg, sVn, q.stride(0), ad.Ra,
+            g.stride(0), g.stride(1), sBg, sBn, sBr, sUg, sUr, sVg, sVn, q.stride(0), M * ad.Ra, ad.Ra,
             BM=cfg["BM"], BN=cfg["BN"], RP=ad.RP, NEED_DT=need_dt, NEED_P=P is not None, NEED_DB=db is not None,
-            ATOMIC_DT=split > 1, HAS_V=ad.v is not None, **flags, **_launch_opts(cfg, x.dtype))
+            HAS_V=ad.v is not None, **flags, **_launch_opts(cfg, x.dtype))
+        if need_dt:
+            dt = dt[0] if split == 1 else dt.sum(0)
     if n_b and db is None:
         db = g.sum(0)
     if p_apart:

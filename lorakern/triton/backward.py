@@ -38,17 +38,17 @@ def _gpass_adapter(gt, t, dt, sel, g64, b_ptrs, p_ptrs, V, rn64, nmask, rmask, N
 def gpass_kernel(
     GY, B, V, Q, DT, P, DB, RIDX, U, SG, IDX, PERM,
     M, N, Ra, G, scaling, n_per_split,
-    sgm, sgn, sBg, sBn, sBr, sUg, sUr, sVg, sVn, sqm, sdtm,
+    sgm, sgn, sBg, sBn, sBr, sUg, sUr, sVg, sVn, sqm, sdts, sdtm,
     BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr,
-    NEED_DT: tl.constexpr, NEED_P: tl.constexpr, NEED_DB: tl.constexpr, ATOMIC_DT: tl.constexpr,
+    NEED_DT: tl.constexpr, NEED_P: tl.constexpr, NEED_DB: tl.constexpr,
     HAS_RIDX: tl.constexpr, HAS_U: tl.constexpr, HAS_V: tl.constexpr, HAS_SG: tl.constexpr,
     BANKED: tl.constexpr, HAS_PERM: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # Program: BM rows x one slice of n_per_split columns of g, walked in BN steps; g is read
-    # once over the grid. Registers: dt [BM, RP] fp32 (summed over the slice, then stored, or
-    # added atomically when N is split), t [BM, RP], one g tile [BM, BN], one (v*B) tile
-    # [BN, RP]. Each step adds its g^T t tile [BN, RP] (P, fp32 [G, N, Ra]) and the column sums
-    # of g (db) atomically.
+    # once over the grid. Registers: dt [BM, RP] fp32 (summed over the slice, then stored as
+    # this slice's partial: DT is [slices, M, Ra], which the caller sums in slice order), t [BM, RP],
+    # one g tile [BM, BN], one (v*B) tile [BN, RP]. Each step adds its g^T t tile [BN, RP] (P,
+    # fp32 [G, N, Ra]) and the column sums of g (db) atomically.
     _, mmask, rows = row_block(PERM, tl.program_id(0) * BM, M, BM, HAS_PERM)
     rr, rmask, ranks = rank_block(RIDX, Ra, RP, HAS_RIDX)
     ad = tl.zeros((BM,), tl.int32)
@@ -83,11 +83,7 @@ def gpass_kernel(
             dt = _gpass_adapter(gt, t, dt, mmask, 0, b_ptrs, p_ptrs, V, rn64, nmask, rmask,
                                 N, Ra, sBg, sVg, sVn, NEED_DT, NEED_P, HAS_V, False, DOT_PREC)
     if NEED_DT:
-        dt_ptrs = DT + rows[:, None] * sdtm + rr[None, :]
-        if ATOMIC_DT:
-            tl.atomic_add(dt_ptrs, dt, mask=qmask)
-        else:
-            tl.store(dt_ptrs, dt, mask=qmask)
+        tl.store(DT + tl.program_id(1) * sdts + rows[:, None] * sdtm + rr[None, :], dt, mask=qmask)
 
 
 @triton.jit
