@@ -101,6 +101,11 @@ def _qdtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, without a dispatch when it already is (a no-op ``.to`` costs microseconds)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _pick_ranks(A, B, rank_scale, rank_idx):
     """The active ranks of A [.., R, K], B [.., N, R], rank_scale [.., R] (small copies)."""
     if rank_idx is None:
@@ -116,7 +121,7 @@ def _rank_factor(scaling, rank_scale):
     """s * u over the active ranks, in q's dtype [Ra] (or a float when there is no u)."""
     if rank_scale is None:
         return scaling
-    return rank_scale.to(_qdtype(rank_scale)) * scaling
+    return _as(rank_scale, _qdtype(rank_scale)) * scaling
 
 
 def _adapter_args(gi, scaling, scaling_g, u, v):
@@ -157,9 +162,9 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, ran
     xk, _, inv = _kept(x, dropout_p, seed)
     A, B, u = _pick_ranks(lora_A, lora_B, rank_scale, rank_idx)
     if adapter_index is None:
-        q = torch.mm(xk, A.T).to(_qdtype(x)).mul_(inv)
+        q = _as(torch.mm(xk, A.T), _qdtype(x)).mul_(inv)
         Bv = B if out_scale is None else B * out_scale[:, None]
-        y.addmm_((q * _rank_factor(scaling, u)).to(y.dtype), Bv.T)
+        y.addmm_(_as(q * _rank_factor(scaling, u), y.dtype), Bv.T)
         return y, q
     q = torch.zeros(x.shape[0], A.shape[-2], device=x.device, dtype=_qdtype(x))
     for g, rows in _groups(adapter_index, lora_A.shape[0]):
@@ -182,16 +187,16 @@ def _adapter_grads(g, xk, q, A, B, s, u, v, inv, needs_x, needs_A, needs_B, need
     dt = dqk = None
     if needs_x or needs_A or needs_u:
         Bv = B if v is None else B * v[:, None]
-        dt = torch.mm(g, Bv.to(g.dtype)).to(q.dtype)
+        dt = _as(torch.mm(g, _as(Bv, g.dtype)), q.dtype)
         dqk = dt * (f * inv)
-    dA = torch.mm(dqk.T.to(xk.dtype), xk) if needs_A else None
+    dA = torch.mm(_as(dqk.T, xk.dtype), xk) if needs_A else None
     dB = dv = None
     if needs_B or needs_v:
-        P = torch.mm(t.T.to(g.dtype), g).T.to(q.dtype)  # g^T t, [N, Ra]: serves dB and dv
+        P = _as(torch.mm(_as(t.T, g.dtype), g).T, q.dtype)  # g^T t, [N, Ra]: serves dB and dv
         if needs_B:
-            dB = P if v is None else P * v[:, None].to(P.dtype)
+            dB = P if v is None else P * _as(v[:, None], P.dtype)
         if needs_v:
-            dv = (P * B.to(P.dtype)).sum(1)
+            dv = (P * _as(B, P.dtype)).sum(1)
     du = (dt * q).sum(0) * s if needs_u else None
     return dqk, dA, dB, du, dv
 
@@ -213,12 +218,37 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, 
     gc = g * base_scale if base_scale is not None and (n_x or n_w) else g
     xk, keep, inv = _kept(x, dropout_p, seed)
     A, B, u = _pick_ranks(lora_A, lora_B, rank_scale, rank_idx)
+    dx = torch.mm(gc, weight) if n_x else None
+    if adapter_index is None and rank_idx is None:  # one adapter, every rank: its gradients as they come
+        dqk, dA, dB, du, dv = _adapter_grads(g, xk, q, A, B, scaling, u, out_scale, inv, n_x, n_A, n_B, n_u, n_v)
+        if dx is not None:
+            if keep is None:
+                dx.addmm_(_as(dqk, dx.dtype), A)
+            else:
+                dx.add_(torch.where(keep, torch.mm(_as(dqk, dx.dtype), A), 0))
+        dA = _as(dA, lora_A.dtype).contiguous() if dA is not None else None
+        dB = _as(dB, lora_B.dtype).contiguous() if dB is not None else None
+    else:
+        dA, dB, du, dv = _scattered_adapter_grads(g, xk, keep, q, A, B, lora_A, lora_B, scaling, scaling_g, u,
+                                                  rank_scale, rank_idx, out_scale, inv, adapter_index, dx, needs)
+    dW = torch.mm(gc.T, x) if n_w else None
+    db = g.sum(0) if n_b else None
+    du = _as(du, rank_scale.dtype) if du is not None else None
+    dv = _as(dv, out_scale.dtype) if dv is not None else None
+    return dx, dW, db, dA, dB, du, dv, dc
+
+
+def _scattered_adapter_grads(g, xk, keep, q, A, B, lora_A, lora_B, scaling, scaling_g, u, rank_scale, rank_idx,
+                             out_scale, inv, adapter_index, dx, needs):
+    """(dA, dB, du, dv) in the parameters' shapes, with the active ranks' gradients of each adapter
+    (over its rows) scattered in; dx gets each adapter's term added in place."""
+    _, _, _, n_A, n_B, n_u, n_v, _ = needs
+    n_x = dx is not None
     zeros = lambda t, n, dt=None: torch.zeros(t.shape, dtype=dt or t.dtype, device=t.device) if n else None  # noqa: E731
     dA, dB = zeros(lora_A, n_A), zeros(lora_B, n_B)
     du = zeros(rank_scale, n_u, q.dtype)
     dv = zeros(out_scale, n_v, q.dtype)
-    ridx = rank_idx if rank_idx is not None else torch.arange(A.shape[-2], device=x.device)
-    dx = torch.mm(gc, weight) if n_x else None
+    ridx = rank_idx if rank_idx is not None else torch.arange(A.shape[-2], device=g.device)
 
     def one(gi, rows):
         s, ug, vg = _adapter_args(gi, scaling, scaling_g, u, out_scale)
@@ -228,9 +258,9 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, 
                                                  n_x, n_A, n_B, n_u, n_v)
         at = lambda t: t if gi is None else t[gi]  # noqa: E731
         if dAg is not None:
-            at(dA).index_copy_(0, ridx, dAg.to(dA.dtype))
+            at(dA).index_copy_(0, ridx, _as(dAg, dA.dtype))
         if dBg is not None:
-            at(dB).index_copy_(1, ridx, dBg.to(dB.dtype))
+            at(dB).index_copy_(1, ridx, _as(dBg, dB.dtype))
         if dug is not None:
             (du if du.dim() == 1 else du[gi]).index_add_(0, ridx, dug)
         if dvg is not None:
@@ -238,9 +268,9 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, 
         if dx is None:
             return
         if keep is None and rows is None:
-            dx.addmm_(dqk.to(dx.dtype), Ag)
+            dx.addmm_(_as(dqk, dx.dtype), Ag)
             return
-        dxa = torch.mm(dqk.to(dx.dtype), Ag)
+        dxa = torch.mm(_as(dqk, dx.dtype), Ag)
         if keep is not None:
             dxa = torch.where(sub(keep), dxa, 0)
         if rows is None:
@@ -253,8 +283,4 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, 
     else:
         for gi, rows in _groups(adapter_index, lora_A.shape[0]):
             one(gi, rows)
-    dW = torch.mm(gc.T, x) if n_w else None
-    db = g.sum(0) if n_b else None
-    du = du.to(rank_scale.dtype) if du is not None else None
-    dv = dv.to(out_scale.dtype) if dv is not None else None
-    return dx, dW, db, dA, dB, du, dv, dc
+    return dA, dB, du, dv
