@@ -194,6 +194,19 @@ def test_tma(env, override, monkeypatch, p):
     assert [d is not None for d in made] == [False, tma]
 
 
+def test_descriptors_only_where_the_layout_allows():
+    """Tensor descriptors need a contiguous last dimension, a 16-byte aligned base and row stride,
+    and no empty dimension; anything else gets None (pointer loads)."""
+    from lorakern.triton import backend
+    base = torch.zeros(64 * 40 + 8, dtype=torch.float16)
+    ok = base[:64 * 40].view(64, 40)
+    assert backend._descriptors((ok, (16, 16)), (ok, (16, 32))) is not None
+    bad = {"offset": base[1:64 * 40 + 1].view(64, 40), "row stride": base[:64 * 36].view(64, 36)[:, :33],
+           "column stride": ok[:, ::2], "empty": ok[:0]}
+    for why, t in bad.items():
+        assert backend._descriptors((ok, (16, 16)), (t, (16, 16))) is None, why
+
+
 def test_strided_views(env):
     """x, W, A, B, bias, rank_scale and out_scale as non-contiguous views, read in place."""
     dev, dt = env
