@@ -381,6 +381,10 @@ def aot(arch: int = 90, dtypes=(torch.bfloat16, torch.float16, torch.float32)) -
                     configs.OVERRIDE.clear()
             _record_call(dt, 1031, 1000, 777, 13, 0.1, G=5, scales=True, mask=True, strided=True)
             _record_call(dt, 16, 1000, 777, 13, 0.0, G=5)
+            for M, G in ((13, None), (13, 5), (1031, 5)):  # base_scale and deterministic mode (the fuzz's space)
+                _record_call(dt, M, 1000, 777, 13, 0.1, G=G, scales=True, mask=True, base_scale=True,
+                             deterministic=True)
+                _record_call(dt, M, 1000, 777, 13, 0.0, G=G, base_scale=True)
     finally:
         for n, fn in saved.items():
             setattr(backend, n, fn)
@@ -391,7 +395,8 @@ def aot(arch: int = 90, dtypes=(torch.bfloat16, torch.float16, torch.float32)) -
     return not failures
 
 
-def _record_call(dt, M, K, N, R, p, *, G=None, scales=False, mask=False, strided=False):
+def _record_call(dt, M, K, N, R, p, *, G=None, scales=False, mask=False, strided=False, base_scale=False,
+                 deterministic=False):
     """One forward and one full backward through the backend with CPU tensors (kernels recorded)."""
     bank = () if G is None else (G,)
     e = lambda *s: torch.ones(*s, dtype=dt)  # noqa: E731
@@ -402,14 +407,14 @@ def _record_call(dt, M, K, N, R, p, *, G=None, scales=False, mask=False, strided
     ridx = torch.arange(0, R, 2) if mask else None
     idx = (torch.arange(M) % (G + 1) - 1) if G else None
     sg = torch.ones(G) if G else None
+    c = e(N) if base_scale else None
     args = (x, e(N, K), e(N), A, B, 1.0, sg, u, ridx, v, p, 5, idx)
-    _, q = lorakern.triton.forward(*args)
+    _, q = lorakern.triton.forward(*args, c, deterministic)
     x_, w_, _b, A_, B_, *rest = args
-    rest.append(None)  # base_scale
-    every = (True, False, True, True, True, scales, scales, False)
+    every = (True, False, True, True, True, scales, scales, base_scale)
     only = lambda i: tuple(j == i for j in range(8))  # noqa: E731
     for needs in (every, only(0), only(3), only(4)):
-        lorakern.triton.backward(e(M, N), x_, w_, A_, B_, *rest, q, needs)
+        lorakern.triton.backward(e(M, N), x_, w_, A_, B_, *rest, c, q, needs, deterministic)
 
 
 def main() -> int:
