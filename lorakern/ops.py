@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import weakref
 from typing import Optional, Sequence, Union
 
 import torch
@@ -167,11 +168,28 @@ def _check_args(x, weight, bias, A, B, scaling, rank_scale, rank_mask, out_scale
     if adapter_index.dim() != 1 or adapter_index.shape[0] != M:
         raise ValueError(f"adapter_index: expected shape [{M}] (one per row of x), got {_shape(adapter_index)}")
     if M and not _no_sync(x):
-        lo, hi = (int(v) for v in torch.aminmax(adapter_index))
+        lo, hi = _index_range(adapter_index)
         if lo < -1 or hi >= G:
             bad = lo if lo < -1 else hi
             raise ValueError(f"adapter_index: expected values in [-1, {G}), got {bad}")
     return M, K, N, R, G
+
+
+_RANGE_SEEN: list = [None, -1, 0, 0]  # weakref to the last index tensor checked, its version, min, max
+
+
+def _index_range(adapter_index: torch.Tensor) -> tuple[int, int]:
+    """(min, max) of ``adapter_index``: one host sync per index tensor and in-place version. A model
+    passes the same index to every adapted layer of a step, so eager serving syncs once per step,
+    not once per layer; a new tensor, or an in-place change to this one, is read again. Inference
+    tensors keep no version counter, so they are read on every call."""
+    ref, version, lo, hi = _RANGE_SEEN
+    current = None if adapter_index.is_inference() else adapter_index._version
+    if current is not None and ref is not None and ref() is adapter_index and version == current:
+        return lo, hi
+    lo, hi = (int(v) for v in torch.aminmax(adapter_index))
+    _RANGE_SEEN[:] = [weakref.ref(adapter_index), current, lo, hi] if current is not None else [None, -1, 0, 0]
+    return lo, hi
 
 
 def _no_sync(x: torch.Tensor) -> bool:
@@ -188,18 +206,21 @@ _IDX_CACHE: dict = {}
 def _active_ranks(rank_mask: torch.Tensor) -> Optional[torch.Tensor]:
     """int64 indices of the ranks active in any adapter, or None when all are active.
 
-    Cached on the mask's storage and version counter, so an unchanged mask costs no sync.
+    Cached on the mask's storage and version counter, so an unchanged mask costs no sync. An
+    inference tensor has no version counter: it is read on every call.
     """
-    key = (rank_mask.data_ptr(), rank_mask._version, tuple(rank_mask.shape), rank_mask.device)
-    hit = _IDX_CACHE.get(key)
+    key = None if rank_mask.is_inference() else (rank_mask.data_ptr(), rank_mask._version, tuple(rank_mask.shape),
+                                                 rank_mask.device)
+    hit = _IDX_CACHE.get(key) if key is not None else None
     if hit is not None:
         return hit[0]
     any_active = rank_mask if rank_mask.dim() == 1 else rank_mask.any(dim=0)
     idx = torch.nonzero(any_active).flatten()
     result = None if idx.numel() == any_active.numel() else idx
-    if len(_IDX_CACHE) > 4096:
-        _IDX_CACHE.clear()
-    _IDX_CACHE[key] = (result, rank_mask)  # keep the mask alive so the pointer is not reused
+    if key is not None:
+        if len(_IDX_CACHE) > 4096:
+            _IDX_CACHE.clear()
+        _IDX_CACHE[key] = (result, rank_mask)  # keep the mask alive so the pointer is not reused
     return result
 
 

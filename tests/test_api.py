@@ -76,6 +76,39 @@ def test_bad_adapter_index(idx, msg):
     assert msg in str(e.value), str(e.value)
 
 
+@pytest.mark.parametrize("inference", [False, True])
+def test_index_range_read_once_per_tensor_and_version(monkeypatch, inference):
+    """The index's values are read (a host sync on a GPU) once per tensor for every layer of a step,
+    again after an in-place change; inference tensors carry no version, so they are read each call."""
+    x, W, b, A, B = inputs(G=3)
+    reads = []
+    real = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda t: reads.append(1) or real(t))
+    with torch.inference_mode(inference):
+        idx = torch.tensor([0, 1, 2, 0, -1, 1])
+        for _ in range(4):
+            lorakern.lora_linear(x, W, b, A, B, adapter_index=idx)
+        assert len(reads) == (4 if inference else 1)
+        idx[0] = 3
+        with pytest.raises(ValueError, match=r"adapter_index: expected values in \[-1, 3\), got 3"):
+            lorakern.lora_linear(x, W, b, A, B, adapter_index=idx)
+        lorakern.lora_linear(x, W, b, A, B, adapter_index=idx.clone().fill_(2))
+
+
+def test_rank_mask_made_under_inference_mode():
+    """Inference tensors keep no version counter: the mask is read on every call, in-place changes too."""
+    x, W, b, A, B = inputs()
+    m = torch.tensor([True, False, True, True])
+    want = lorakern.lora_linear(x, W, b, A, B, rank_mask=m)
+    with torch.inference_mode():
+        mi = m.clone()
+        assert torch.allclose(lorakern.lora_linear(x, W, b, A, B, rank_mask=mi), want)
+        mi[0] = False
+        assert torch.allclose(lorakern.lora_linear(x, W, b, A, B, rank_mask=mi),
+                              lorakern.lora_linear(x, W, b, A, B, rank_mask=mi.clone()))
+        assert not torch.allclose(lorakern.lora_linear(x, W, b, A, B, rank_mask=mi), want)
+
+
 def test_bank_without_index():
     x, W, b, A, B = inputs(G=3)
     with pytest.raises(ValueError, match="adapter_index: required"):
