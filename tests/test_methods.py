@@ -77,6 +77,19 @@ def adapted(name: str, seed: int = 0) -> tuple[object, nn.Module]:
     return m, model
 
 
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_inference_mode_serves_as_no_grad(name):
+    """Serving runs under torch.inference_mode: every method gives there what it gives under no_grad."""
+    _, model = adapted(name)
+    model.eval()
+    ids = batch(3)["input_ids"]
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    with torch.inference_mode():
+        got = model(input_ids=ids).logits
+    assert torch.equal(got, want)
+
+
 # --------------------------------------------------------------------------- trainable counts
 
 
