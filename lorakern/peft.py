@@ -175,6 +175,28 @@ def _fused(layer: PeftLoraLinear, x: torch.Tensor, args: tuple, kwargs: dict) ->
     return lora_linear(x, weight, bias, A, B, rank_scale=u), ""
 
 
+_INDEX_CACHE: dict = {}
+
+
+def _row_index(adapter_names, names, rows_per_sample: int, device: torch.device) -> torch.Tensor:
+    """adapter_index [samples * rows_per_sample]: each sample's position in ``names`` (-1: none).
+
+    One tensor per (adapter_names, names, rows, device), shared by every layer and call: its values
+    are read (a host sync on a GPU) once, not once per layer. Made outside inference mode, so it
+    keeps the version counter the op's range check keys on, and never written after."""
+    key = (tuple(adapter_names), tuple(names), rows_per_sample, device)
+    index = _INDEX_CACHE.get(key)
+    if index is None:
+        pos = {n: i for i, n in enumerate(names)}
+        with torch.inference_mode(False):
+            per_sample = torch.tensor([pos.get(n, -1) for n in adapter_names], device=device)
+            index = per_sample.repeat_interleave(rows_per_sample)
+        if len(_INDEX_CACHE) > 256:
+            _INDEX_CACHE.clear()
+        _INDEX_CACHE[key] = index
+    return index
+
+
 def _mixed_batch(x, weight, bias, names, As, Bs, scalings, ps, adapter_names) -> tuple[Optional[torch.Tensor], str]:
     """One adapter per sample (PEFT's ``adapter_names``) as banks and ``adapter_index``."""
     if len(set(ps)) > 1:
@@ -184,9 +206,7 @@ def _mixed_batch(x, weight, bias, names, As, Bs, scalings, ps, adapter_names) ->
         [t, t.new_zeros(*t.shape[:dim], R - t.shape[dim], *t.shape[dim + 1:])], dim=dim)
     A = torch.stack([pad(a, 0) for a in As])
     B = torch.stack([pad(b, 1) for b in Bs])
-    pos = {n: i for i, n in enumerate(names)}
-    per_sample = torch.tensor([pos.get(n, -1) for n in adapter_names], device=x.device)
-    index = per_sample.repeat_interleave(math.prod(x.shape[1:-1]))
+    index = _row_index(adapter_names, names, math.prod(x.shape[1:-1]), x.device)
     s = torch.tensor(scalings, device=x.device, dtype=torch.float32)
     return lora_linear(x, weight, bias, A, B, scaling=s, dropout_p=ps[0], adapter_index=index), ""
 

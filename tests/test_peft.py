@@ -281,6 +281,24 @@ def test_adapter_names_mixed_batch_of_different_ranks(fused, caplog):
         patched(input_ids=ids, adapter_names=names[:3])
 
 
+def test_adapter_names_index_is_read_once_for_all_layers_under_inference_mode(fused, monkeypatch):
+    """Serving: the mixed batch's row index is one tensor for every layer, so its range is read (a
+    host sync on a GPU) once per batch, not once per layer, inside torch.inference_mode too."""
+    _, patched = stock_and_patched(llama())
+    add_second_adapter(patched)
+    patched.eval()
+    ids = tokens(6, batch=3)
+    names = ["b", "default", "__base__"]
+    want = logits(patched, ids, adapter_names=names)
+    reads = []
+    real = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda t: reads.append(1) or real(t))
+    with torch.inference_mode():
+        got = patched(input_ids=ids, adapter_names=names).logits
+    assert torch.equal(got, want)
+    assert len({id(c["adapter_index"]) for c in fused}) == 1 and len(reads) <= 1
+
+
 # --------------------------------------------------------------------------- enable, disable, unpatch
 
 
