@@ -34,13 +34,13 @@ def per_call_us(fn, sync, n: int = 300) -> float:
     return (time.perf_counter() - t0) / n * 1e6
 
 
-def main() -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--M", type=int, default=16)
     ap.add_argument("--K", type=int, default=4096, help="K = N")
     ap.add_argument("--backend", default="triton")
     ap.add_argument("--device", default="cuda")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA GPU (--device cpu --backend torch runs the same report on a CPU)")

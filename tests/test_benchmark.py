@@ -1,11 +1,24 @@
-"""lorakern.benchmark's case selection and derived ratios (no timing: synthetic records)."""
+"""lorakern.benchmark's case selection and derived ratios (no timing: synthetic records), and
+CPU smoke runs of the GPU scripts under bench/, which would otherwise only run (and rot) on a GPU."""
 from __future__ import annotations
 
+import importlib.util
 import io
+from pathlib import Path
 
+import pytest
 import torch
 
 from lorakern import benchmark as bm
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"lorakern_bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _record(provider, ms, *, r=16, masked=False, mode="fwd", M=16):
@@ -33,3 +46,16 @@ def test_ratio_to_half_rank_pairs_the_same_provider_and_shape():
     out = io.StringIO()
     bm.print_table(recs, ["base", "lorakern-triton", "lorakern-torch"], out=out)
     assert "lorakern-triton  fwd    M=16    K=256   N=256   r=16: 1.100" in out.getvalue()
+
+
+def test_host_profile_runs_on_cpu(capsys):
+    assert _script("host_profile").main(["--device", "cpu", "--backend", "torch", "--K", "64", "--M", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "lorakern-torch fwd+bwd" in out and "PEFT-style fwd+bwd" in out and "cProfile of 200" in out
+
+
+def test_triton_tune_compiles_kernel_variants_for_sm90():
+    """The launches bench/triton_tune.py records (the backend's real argument lists, TMA descriptors,
+    base_scale, deterministic mode) compile for sm_90 without a GPU."""
+    pytest.importorskip("triton")
+    assert _script("triton_tune").aot(90, dtypes=(torch.bfloat16,), quick=True)
