@@ -16,9 +16,11 @@ struct Dropout {
   float inv;
   uint64_t seed;
   int64_t cols;  // the row length the counter uses (K of x)
+  // The factor for an element whose uniform is u: inv if kept, else 0.
+  __device__ __forceinline__ float of(float u) const { return u > p ? inv : 0.f; }
   __device__ __forceinline__ float factor(int64_t row, int64_t col) const {
     if (p <= 0.f) return 1.f;
-    return keep_uniform(seed, row, col, cols) > p ? inv : 0.f;
+    return of(keep_uniform(seed, row, col, cols));
   }
   // v[e] *= factor(row, col + e) for VEC consecutive columns; with VEC % 4 == 0 (col % 4 == 0
   // then) one Philox call serves four columns.
@@ -30,7 +32,7 @@ struct Dropout {
         uint32_t w[4];
         philox4(seed, keep_counter(row, col + e, cols), w);
 #pragma unroll
-        for (int j = 0; j < 4; ++j) v[e + j] *= word_uniform(w[j]) > p ? inv : 0.f;
+        for (int j = 0; j < 4; ++j) v[e + j] *= of(word_uniform(w[j]));
       }
     } else {
 #pragma unroll

@@ -4,9 +4,8 @@
 // Tiling: one thread per column c; grid.x over column tiles, grid.y over chunks of `chunk` rows
 // (CHUNK, or all M rows when one_slice) visited in `order` (sorted by adapter, so a chunk holds
 // few adapters). With one chunk a thread's atomicAdds to an element are its own, issued in
-// order: the sum is deterministic. Registers: RC fp32
-// accumulators for ranks r0..r0+RC, flushed to out with atomicAdd when the adapter changes
-// and at the end of the chunk. T rows are broadcast loads; X is read once per RC ranks.
+// order: the sum is deterministic. Registers: RC fp32 accumulators for ranks r0..r0+RC,
+// flushed to out with atomicAdd when the adapter changes and at the end of the chunk. T rows are broadcast loads; X is read once per RC ranks.
 // keep_mask: bool [M, K], the keep-mask the kernels use, one thread per element.
 #include "common.cuh"
 #include "kernels.h"

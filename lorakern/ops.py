@@ -188,7 +188,8 @@ def _index_range(adapter_index: torch.Tensor) -> tuple[int, int]:
     if current is not None and ref is not None and ref() is adapter_index and version == current:
         return lo, hi
     lo, hi = (int(v) for v in torch.aminmax(adapter_index))
-    _RANGE_SEEN[:] = [weakref.ref(adapter_index), current, lo, hi] if current is not None else [None, -1, 0, 0]
+    if current is not None:
+        _RANGE_SEEN[:] = [weakref.ref(adapter_index), current, lo, hi]
     return lo, hi
 
 

@@ -222,10 +222,7 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, 
     if adapter_index is None and rank_idx is None:  # one adapter, every rank: its gradients as they come
         dqk, dA, dB, du, dv = _adapter_grads(g, xk, q, A, B, scaling, u, out_scale, inv, n_x, n_A, n_B, n_u, n_v)
         if dx is not None:
-            if keep is None:
-                dx.addmm_(_as(dqk, dx.dtype), A)
-            else:
-                dx.add_(torch.where(keep, torch.mm(_as(dqk, dx.dtype), A), 0))
+            _add_adapter_dx(dx, dqk, A, keep, None)
         dA = _as(dA, lora_A.dtype).contiguous() if dA is not None else None
         dB = _as(dB, lora_B.dtype).contiguous() if dB is not None else None
     else:
@@ -236,6 +233,20 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, 
     du = _as(du, rank_scale.dtype) if du is not None else None
     dv = _as(dv, out_scale.dtype) if dv is not None else None
     return dx, dW, db, dA, dB, du, dv, dc
+
+
+def _add_adapter_dx(dx, dqk, A, keep, rows) -> None:
+    """dx[rows] += (dq A) * keep (all rows when ``rows`` is None; no mask when ``keep`` is None), in place."""
+    if keep is None and rows is None:
+        dx.addmm_(_as(dqk, dx.dtype), A)
+        return
+    dxa = torch.mm(_as(dqk, dx.dtype), A)
+    if keep is not None:
+        dxa = torch.where(keep if rows is None else keep[rows], dxa, 0)
+    if rows is None:
+        dx.add_(dxa)
+    else:
+        dx.index_add_(0, rows, dxa)
 
 
 def _scattered_adapter_grads(g, xk, keep, q, A, B, lora_A, lora_B, scaling, scaling_g, u, rank_scale, rank_idx,
@@ -265,18 +276,8 @@ def _scattered_adapter_grads(g, xk, keep, q, A, B, lora_A, lora_B, scaling, scal
             (du if du.dim() == 1 else du[gi]).index_add_(0, ridx, dug)
         if dvg is not None:
             (dv if dv.dim() == 1 else dv[gi]).add_(dvg)
-        if dx is None:
-            return
-        if keep is None and rows is None:
-            dx.addmm_(_as(dqk, dx.dtype), Ag)
-            return
-        dxa = torch.mm(_as(dqk, dx.dtype), Ag)
-        if keep is not None:
-            dxa = torch.where(sub(keep), dxa, 0)
-        if rows is None:
-            dx.add_(dxa)
-        else:
-            dx.index_add_(0, rows, dxa)
+        if dx is not None:
+            _add_adapter_dx(dx, dqk, Ag, keep, rows)
 
     if adapter_index is None:
         one(None, None)

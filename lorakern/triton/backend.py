@@ -172,7 +172,7 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, ran
         sAg, sAr, sAk, sBg, sBn, sBr, sUg, sUr, sVg, sVn, M * ad.Ra, ad.Ra, y.stride(0), y.stride(1),
         base_scale.stride(0) if base_scale is not None else 0,
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], RP=ad.RP, GROUP_M=cfg["GROUP_M"], FUSE_Q=cfg["FUSE_Q"],
-        TMA=descs is not None, SUM_Q=split > 1, DROPOUT=p > 0, HAS_BIAS=bias is not None,
+        TMA=descs is not None, DROPOUT=p > 0, HAS_BIAS=bias is not None,
         HAS_BS=base_scale is not None, HAS_V=ad.v is not None, **flags, **_launch_opts(cfg, x.dtype))
     return y, q
 

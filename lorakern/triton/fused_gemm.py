@@ -47,7 +47,7 @@ def lora_fwd_kernel(
     M, N, K, Ra, G, scaling, p, inv_keep, seed, n_split,
     sxm, sxk, swn, swk, sbias, sAg, sAr, sAk, sBg, sBn, sBr, sUg, sUr, sVg, sVn, sqs, sqm, sym, syn, sbs,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, GROUP_M: tl.constexpr,
-    FUSE_Q: tl.constexpr, TMA: tl.constexpr, SUM_Q: tl.constexpr, DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    FUSE_Q: tl.constexpr, TMA: tl.constexpr, DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_BS: tl.constexpr, HAS_RIDX: tl.constexpr, HAS_U: tl.constexpr, HAS_V: tl.constexpr, HAS_SG: tl.constexpr,
     BANKED: tl.constexpr, HAS_PERM: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -88,12 +88,12 @@ def lora_fwd_kernel(
     if FUSE_Q:
         q = qacc * inv_keep if DROPOUT else qacc
         tl.store(q_ptrs, q, mask=qmask & (pid_n == 0))
-    else:  # the shrink's q: with SUM_Q, the sum of its n_split partials (QP [n_split, M, Ra]) in order
+    else:  # the shrink's q: the sum of its n_split partials (QP [n_split, M, Ra]) in slice order
         qp_ptrs = QP + rows[:, None] * sqm + rr[None, :]
         q = tl.load(qp_ptrs, mask=qmask, other=0.0)
         for s in range(1, n_split):
             q += tl.load(qp_ptrs + s * sqs, mask=qmask, other=0.0)
-        if SUM_Q:
+        if n_split > 1:  # QP is a buffer of its own: write the sum to q (else QP is q itself)
             tl.store(q_ptrs, q, mask=qmask & (pid_n == 0))
     ad = tl.zeros((BM,), tl.int32)
     if BANKED:

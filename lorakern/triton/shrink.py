@@ -25,8 +25,8 @@ def shrink_kernel(
     # k_per_split columns, walked in BK steps. With several slices each writes its partial q
     # (Q is [slices, M, Ra]; the GEMM sums them in slice order: no memset, no atomics, the same
     # bits every run), so that few rows still fill the GPU (the keep mask of decode-size inputs
-    # is the cost, not the bytes). Registers: the fp32 accumulator
-    # [BM, RP], one x tile [BM, BK] and one A tile [BK, RP]. Per-row adapters: each K step
+    # is the cost, not the bytes). Registers: the fp32 accumulator [BM, RP], one x tile
+    # [BM, BK] and one A tile [BK, RP]. Per-row adapters: each K step
     # dots the x tile (other adapters' rows zeroed) with the A tile of every adapter present.
     _, mmask, rows = row_block(PERM, tl.program_id(0) * BM, M, BM, HAS_PERM)
     rr, rmask, ranks = rank_block(RIDX, Ra, RP, HAS_RIDX)
