@@ -69,3 +69,35 @@ def cuda_extension():
     ext = CUDAExtension(EXT_NAME, rel, include_dirs=include_dirs(), extra_compile_args=cflags(),
                         extra_link_args=ldflags())
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+# --------------------------------------------------------------------------- the CPU extension
+# csrc/cpu/ -> torch.ops.lorakern_cpu, built on first use by lorakern.cpu_ext (JIT only).
+
+
+def cpu_sources() -> list[str]:
+    """The CPU extension's sources: csrc/cpu/ops.cpp (ATen) and one row-kernel file per instruction set."""
+    return sorted(str(p) for p in (CSRC / "cpu").glob("*.cpp"))
+
+
+def cpu_inputs() -> list[str]:
+    """Every file the CPU build reads (csrc/cpu/ and philox.h): the library is stale when one is newer."""
+    return sorted(cpu_sources() + [str(p) for p in (CSRC / "cpu").glob("*.h")] + [str(CSRC / "philox.h")])
+
+
+def _openmp() -> list[str]:
+    """-fopenmp where torch's at::parallel_for is OpenMP (it is inline: without the flag every pass
+    of the CPU extension would run on one thread). torch's own libgomp.so.1 is the one loaded."""
+    import torch
+
+    return ["-fopenmp"] if torch.backends.openmp.is_available() else []
+
+
+def cpu_cflags() -> list[str]:
+    """-O3 and no -march: each instruction-set file sets its own target and ops.cpp picks one at run
+    time, so the library runs on any x86-64 (or other) CPU."""
+    return ["-O3", "-DNDEBUG"] + _openmp()
+
+
+def cpu_ldflags() -> list[str]:
+    return ldflags() + _openmp()

@@ -1,0 +1,128 @@
+"""The CPU extension (csrc/cpu/): the adapter branch's masked passes with the dropout mask made in SIMD lanes.
+
+It registers ``torch.ops.lorakern_cpu.{shrink, add_masked_, masked_At, dropout_keep, isa, isas}``
+(csrc/cpu/ops.cpp says what each computes). It is built on first use with ninja
+(``torch.utils.cpp_extension.load``, into torch's extension folder, about a minute on 2 cores)
+and loaded from there afterwards; it is rebuilt when a source is newer than the library. Without a
+C++ compiler it is unavailable and callers use the torch path.
+
+>>> from lorakern import cpu_ext
+>>> cpu_ext.available()                 # doctest: +SKIP
+(True, '')
+>>> python -m lorakern.cpu_ext build    # compile and link here; prints the library's path
+"""
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import sys
+from typing import Optional
+
+import torch
+
+from lorakern.cuda import _build_module
+
+__all__ = ["available", "build", "ops", "shrink", "add_masked_", "masked_At", "dropout_keep"]
+
+
+def _compiler() -> Optional[str]:
+    """The C++ compiler torch's builder will run (``CXX``, else ``c++``), when it is on PATH."""
+    return shutil.which(os.environ.get("CXX", "c++"))
+
+
+def _library() -> tuple[str, str]:
+    """(name, path) of the built library: one per torch version (its ABI)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    name = f"lorakern_cpu_t{torch.__version__.split('+')[0].replace('.', '_')}"
+    return name, os.path.join(_get_build_directory(name, False), f"{name}.so")
+
+
+def _stale(path: str) -> bool:
+    if not os.path.exists(path):
+        return True
+    built = os.path.getmtime(path)
+    return any(os.path.getmtime(f) > built for f in _build_module().cpu_inputs())
+
+
+def build(verbose: bool = False) -> str:
+    """Compile and link the extension with ninja (when a source changed) and return the library's path."""
+    from torch.utils.cpp_extension import load
+
+    lb = _build_module()
+    name, path = _library()
+    if _stale(path):
+        print("lorakern: building the CPU extension once (about a minute)...", file=sys.stderr, flush=True)
+    load(name=name, sources=lb.cpu_sources(), extra_cflags=lb.cpu_cflags(), extra_ldflags=lb.cpu_ldflags(),
+         build_directory=os.path.dirname(path), is_python_module=False, verbose=verbose)
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> tuple[bool, str]:
+    """``(True, "")`` once the extension is loaded, else ``(False, "unavailable: <reason>")``.
+
+    The first call builds or loads it (a failed build prints its log to stderr once); cached."""
+    if hasattr(torch.ops, "lorakern_cpu") and hasattr(torch.ops.lorakern_cpu, "shrink"):
+        return True, ""
+    if _compiler() is None:
+        return False, f"unavailable: no C++ compiler found ({os.environ.get('CXX', 'c++')}; set CXX)"
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if not is_ninja_available():
+        return False, "unavailable: ninja not found (pip install ninja)"
+    try:
+        build()
+    except Exception as e:  # noqa: BLE001 - any build failure makes the extension unavailable
+        print(f"lorakern: the CPU extension did not build:\n{e}", file=sys.stderr)
+        line = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        return False, f"unavailable: build failed: {line[:200]}"
+    return True, ""
+
+
+def ops():
+    """``torch.ops.lorakern_cpu``, built or loaded on first use; RuntimeError with the reason if it cannot be."""
+    ok, why = available()
+    if not ok:
+        raise RuntimeError(f"the CPU extension is {why}")
+    return torch.ops.lorakern_cpu
+
+
+def shrink(x: torch.Tensor, A: torch.Tensor, rows: Optional[torch.Tensor], p: float, seed: int) -> torch.Tensor:
+    """q [m, Ra] float32 = (x[rows] * keep / (1 - p)) A^T; all rows of x when ``rows`` is None."""
+    return ops().shrink(x, A, rows, float(p), int(seed))
+
+
+def add_masked_(dx: torch.Tensor, dq: torch.Tensor, A: torch.Tensor, rows: Optional[torch.Tensor], p: float,
+                seed: int) -> None:
+    """dx[rows] += (dq A) * keep / (1 - p) in place (``rows`` distinct); dq float32 [m, Ra]."""
+    ops().add_masked_(dx, dq, A, rows, float(p), int(seed))
+
+
+def masked_At(dq: torch.Tensor, x: torch.Tensor, rows: Optional[torch.Tensor], p: float, seed: int) -> torch.Tensor:
+    """dA [Ra, K] float32 = dq^T (x[rows] * keep / (1 - p)), bitwise repeatable for a fixed thread count."""
+    return ops().masked_At(dq, x, rows, float(p), int(seed))
+
+
+def dropout_keep(seed: int, M: int, K: int, p: float) -> torch.Tensor:
+    """bool [M, K]: keep[r, k] = U > p, the stream of ARCHITECTURE.md (the kernels treat p = 0 as no dropout)."""
+    return ops().dropout_keep(int(seed), int(M), int(K), float(p))
+
+
+def _main(argv: list[str]) -> int:
+    if argv[:1] != ["build"]:
+        print("usage: python -m lorakern.cpu_ext build   (compile and link csrc/cpu/, print the library path)")
+        return 2
+    import time
+
+    t0 = time.time()
+    path = build(verbose="-v" in argv)
+    print(path)
+    print(f"{time.time() - t0:.0f} s; instruction sets here: {', '.join(ops().isas())} (using {ops().isa()})",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
