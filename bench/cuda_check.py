@@ -5,7 +5,7 @@
 Builds the extension (ninja, cached), checks forward and every gradient in bf16/fp16/fp32 on
 plain, masked, strided, dropout and banked problems against ``reference_lora_linear``, then
 times fwd and fwd+bwd at M in {1, 16, 128, 2048, 8192}, K = N = 4096, r = 16, dropout 0 and 0.1,
-bf16, against ``F.linear`` (triton.testing.do_bench, median ms) and prints a compact table.
+bf16, against ``F.linear`` (``lorakern.benchmark.timing``: do_bench medians, ms) and prints a compact table.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import lorakern
 from lorakern import cuda
+from lorakern.benchmark import timing
 from lorakern.reference import reference_lora_linear
 
 
@@ -66,9 +67,8 @@ def check(dt: torch.dtype, M: int, K: int, N: int, R: int, G: int, *, p: float, 
 
 
 def bench(M: int, K: int, N: int, R: int, p: float):
-    from triton.testing import do_bench
-
-    dt, dev = torch.bfloat16, "cuda"
+    """{"base" | "cuda": (fwd ms, fwd+bwd ms)}: medians of ``lorakern.benchmark.timing``."""
+    dt, dev = torch.bfloat16, torch.device("cuda")
     x = torch.randn(M, K, device=dev, dtype=dt, requires_grad=True)
     W = torch.randn(N, K, device=dev, dtype=dt) / K**0.5
     A = (torch.randn(R, K, device=dev, dtype=dt) / K**0.5).requires_grad_(True)
@@ -79,14 +79,10 @@ def bench(M: int, K: int, N: int, R: int, p: float):
 
     def fb(f):
         def run():
-            y = f()
-            torch.autograd.backward(y, gy, inputs=[x, A, B] if f is ours else [x])
+            torch.autograd.grad(f(), [x, A, B] if f is ours else [x], gy)
         return run
 
-    out = {}
-    for name, f in (("base", base), ("cuda", ours)):
-        out[name] = (do_bench(f, return_mode="median"), do_bench(fb(f), grad_to_none=[x, A, B], return_mode="median"))
-    return out
+    return {name: (timing.median_ms(f, dev), timing.median_ms(fb(f), dev)) for name, f in (("base", base), ("cuda", ours))}
 
 
 def stage_paths(dt: torch.dtype) -> int:

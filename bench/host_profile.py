@@ -15,23 +15,12 @@ import argparse
 import cProfile
 import pstats
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 import lorakern
-
-
-def per_call_us(fn, sync, n: int = 300) -> float:
-    for _ in range(20):
-        fn()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    sync()
-    return (time.perf_counter() - t0) / n * 1e6
+from lorakern.benchmark.timing import loop_us, sync
 
 
 def main(argv=None) -> int:
@@ -45,7 +34,6 @@ def main(argv=None) -> int:
     if dev.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA GPU (--device cpu --backend torch runs the same report on a CPU)")
         return 2
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     M, K, N, R = args.M, args.K, args.K, 16
     dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
     x = torch.randn(M, K, device=dev, dtype=dt, requires_grad=True)
@@ -67,12 +55,12 @@ def main(argv=None) -> int:
     where = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU"
     print(f"{where}, M={M} K={K} N={N} r={R} {str(dt)[6:]}: eager wall time per call")
     for name, fn in rows:
-        print(f"  {name:<28} {per_call_us(fn, sync):8.1f} us")
+        print(f"  {name:<28} {loop_us(fn, dev):8.1f} us")
     pr = cProfile.Profile()
     pr.enable()
     for _ in range(200):
         torch.autograd.backward(ours(), g)
-    sync()
+    sync(dev)
     pr.disable()
     print(f"\ncProfile of 200 lorakern-{args.backend} fwd+bwd calls, by own time:")
     pstats.Stats(pr, stream=sys.stdout).sort_stats("tottime").print_stats(25)

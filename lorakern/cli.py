@@ -1,45 +1,72 @@
 """``lorakern check | bench | demo``: the command line.
 
-Each subcommand lives in its own module (``check`` here; ``lorakern.benchmark``; ``lorakern.demo``)
-and takes its own arguments; this file only dispatches.
+Each subcommand takes its own flags (``lorakern <command> --help``): ``check`` lives here,
+``bench`` in ``lorakern.benchmark``, ``demo`` in ``lorakern.demo``; this module dispatches and
+turns a missing optional dependency into one line that says what to install.
+
+>>> main(["--help"])  # doctest: +ELLIPSIS
+usage: lorakern [-h] [--version] COMMAND [options]
+...
+0
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-import time
-from typing import Optional, Sequence
+from importlib import metadata
+from typing import Callable, Optional, Sequence
 
 import torch
 
+from lorakern.extras import MissingDependency, ensure, quiet
 
-def _median_ms(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
+__all__ = ["COMMANDS", "check", "main"]
+
+# name: (one line of help, the function "module:attribute" taking argv, optional modules it needs)
+COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "check": ("run the op on every backend here: error against the float64 oracle, time against F.linear",
+              "lorakern.cli:check", ()),
+    "bench": ("time lorakern beside F.linear, PEFT's layer and the addmm style (bench/README.md)",
+              "lorakern.benchmark:main", ()),
+    "demo": ("fine-tune a small Llama with PEFT LoRA, stock and patched, side by side",
+             "lorakern.demo:main", ("peft", "transformers", "tqdm", "matplotlib")),
+}
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def _fwd_bwd(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> None:
+    xx = x.detach().requires_grad_()
+    y = fn(xx)
+    y.backward(torch.ones_like(y))
+
+
+def _check_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="lorakern check", description="Run" + COMMANDS["check"][0].removeprefix("run") + ".",
+        epilog="One forward and backward with dropout 0.1 and scaling 2 per backend that runs here; a backend that "
+               "does not says why. Exit status 1 when a backend's error is over tolerance (5e-4 fp32, 1e-2 bf16).")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="where to run (default: cuda when there is a GPU, else cpu); bf16 on cuda, fp32 on cpu")
+    ap.add_argument("-M", type=int, default=1024, help="rows of x (tokens), default 1024")
+    ap.add_argument("-K", type=int, default=1024, help="in-features, default 1024")
+    ap.add_argument("-N", type=int, default=1024, help="out-features, default 1024")
+    ap.add_argument("-r", type=int, default=16, help="LoRA rank, default 16")
+    return ap
 
 
 def check(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the op on every backend available here: error against the float64 oracle, time against F.linear."""
-    from lorakern.ops import BACKENDS, backend_status, lora_linear
-    from lorakern.ops import get_backend
+    """``lorakern check [--device D] [-M M] [-K K] [-N N] [-r R]``: every backend against the float64
+    oracle and F.linear; returns 1 if a backend's error is over tolerance, else 0."""
+    from lorakern import backends
+    from lorakern.benchmark import timing
+    from lorakern.ops import lora_linear, resolve_backend
     from lorakern.reference import reference_lora_linear
 
-    ap = argparse.ArgumentParser(prog="lorakern check")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("-M", type=int, default=1024)
-    ap.add_argument("-K", type=int, default=1024)
-    ap.add_argument("-N", type=int, default=1024)
-    ap.add_argument("-r", type=int, default=16)
-    args = ap.parse_args(argv)
+    args = _check_parser().parse_args(argv)
     dev = torch.device(args.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     M, K, N, r = args.M, args.K, args.N, args.r
@@ -49,59 +76,87 @@ def check(argv: Optional[Sequence[str]] = None) -> int:
     b = torch.randn(N, device=dev, dtype=dtype)
     A = torch.randn(r, K, device=dev, dtype=dtype) / K**0.5
     B = torch.randn(N, r, device=dev, dtype=dtype)
+    g = torch.randn(M, N, device=dev, dtype=dtype)
+    with quiet():
+        auto = resolve_backend("auto", x, M, K, N, r)
     print(f"lorakern check on {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU'}), "
-          f"{str(dtype)[6:]}, M={M} K={K} N={N} r={r}, dropout 0.1, forward+backward")
+          f"{str(dtype)[6:]}, M={M} K={K} N={N} r={r}, dropout 0.1, forward+backward; auto picks {auto}")
     print(f"{'backend':<8} {'status':<12} {'rel err fwd':>12} {'rel err dx':>12} {'ms':>9} {'x base':>8}")
-    base_ms = _median_ms(lambda: _fwd_bwd(lambda xx: torch.nn.functional.linear(xx, W, b), x), 7)
+    base_ms = timing.median_ms(lambda: _fwd_bwd(lambda xx: torch.nn.functional.linear(xx, W, b), x), dev)
     print(f"{'F.linear':<8} {'(floor)':<12} {'':>12} {'':>12} {base_ms:9.3f} {1.0:8.2f}")
     failed = False
-    for name in BACKENDS:
-        ok, why = backend_status(name)
-        if ok and name != "torch" and dev.type != "cuda":
-            ok, why = False, "unavailable: needs a CUDA device"
+    tol = 1e-2 if dtype != torch.float32 else 5e-4
+    for name in backends.NAMES:
+        with quiet():
+            ok, why = backends.status(name)
+            if ok and not backends.runs_on(name, dev, dtype):
+                ok, why = False, f"does not run {str(dtype)[6:]} on {dev.type}"
         if not ok:
             print(f"{name:<8} {why}")
             continue
-        keep = get_backend(name).dropout_keep(7, M, K, 0.1, dev)
+        keep = backends.get(name).dropout_keep(7, M, K, 0.1, dev)
         xr = x.detach().double().requires_grad_()
-        g = torch.randn(M, N, device=dev, dtype=dtype)
         ref = reference_lora_linear(xr, W, b, A, B, scaling=2.0, keep=keep, dropout_p=0.1)
         (dx_ref,) = torch.autograd.grad(ref, xr, g.double())
+
+        def fn(xx, name=name):
+            return lora_linear(xx, W, b, A, B, scaling=2.0, dropout_p=0.1, seed=7, backend=name)
+
         xx = x.detach().requires_grad_()
-        y = lora_linear(xx, W, b, A, B, scaling=2.0, dropout_p=0.1, seed=7, backend=name)
+        y = fn(xx)
         (dx,) = torch.autograd.grad(y, xx, g)
-        e_y = ((y.double() - ref).norm() / ref.norm()).item()
-        e_dx = ((dx.double() - dx_ref).norm() / dx_ref.norm()).item()
-        fn = lambda xx: lora_linear(xx, W, b, A, B, scaling=2.0, dropout_p=0.1, seed=7, backend=name)  # noqa: E731
-        ms = _median_ms(lambda: _fwd_bwd(fn, x), 7)
-        tol = 1e-2 if dtype != torch.float32 else 5e-4
+        e_y, e_dx = _rel(y, ref), _rel(dx, dx_ref)
+        ms = timing.median_ms(lambda: _fwd_bwd(fn, x), dev)
         good = e_y <= tol and e_dx <= tol
         failed |= not good
         print(f"{name:<8} {'ok' if good else 'WRONG':<12} {e_y:12.2e} {e_dx:12.2e} {ms:9.3f} {ms / base_ms:8.2f}")
     return 1 if failed else 0
 
 
-def _fwd_bwd(fn, x):
-    xx = x.detach().requires_grad_()
-    y = fn(xx)
-    y.backward(torch.ones_like(y))
+def _parser() -> argparse.ArgumentParser:
+    width = max(map(len, COMMANDS))
+    listing = "\n".join(f"  {name:<{width}}  {help_}" for name, (help_, _, _) in COMMANDS.items())
+    ap = argparse.ArgumentParser(
+        prog="lorakern", usage="lorakern [-h] [--version] COMMAND [options]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="lorakern: fused LoRA-family kernels.\n\ncommands:\n" + listing,
+        epilog="`lorakern COMMAND --help` lists the command's options. Optional dependencies: "
+               'pip install "lorakern[peft]" (PEFT integration, the demo), "lorakern[bench]" '
+               '(the PEFT provider of bench, plots), "lorakern[all]" (both).')
+    ap.add_argument("--version", action="version", version=f"lorakern {_version()}")
+    ap.add_argument("command", metavar="COMMAND", choices=list(COMMANDS), help="one of: " + ", ".join(COMMANDS))
+    return ap
+
+
+def _version() -> str:
+    try:
+        return metadata.version("lorakern")
+    except metadata.PackageNotFoundError:
+        return "(not installed)"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``lorakern COMMAND [options]``; returns the exit status: the command's, 2 on a usage error,
+    1 when a dependency the command needs is missing (the message says what to install)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("check", "bench", "demo"):
-        print("usage: lorakern {check,bench,demo} [options]", file=sys.stderr)
-        return 2
-    cmd, rest = argv[0], argv[1:]
-    if cmd == "check":
-        return check(rest)
-    if cmd == "bench":
-        from lorakern.benchmark import main as bench_main
-
-        return bench_main(rest)
-    from lorakern.demo import main as demo_main
-
-    return demo_main(rest)
+    split = next((i + 1 for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
+    try:
+        args = _parser().parse_args(argv[:split])
+    except SystemExit as e:  # --help, --version and usage errors
+        return int(e.code or 0)
+    _, target, needs = COMMANDS[args.command]
+    module, attr = target.split(":")
+    try:
+        ensure(needs, f"lorakern {args.command}")
+        return getattr(importlib.import_module(module), attr)(argv[split:])
+    except MissingDependency as e:
+        print(f"lorakern {args.command}: {e}", file=sys.stderr)
+        return 1
+    except SystemExit as e:  # the command's --help or usage error
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            return 1
+        return int(e.code or 0)
 
 
 if __name__ == "__main__":

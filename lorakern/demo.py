@@ -21,13 +21,14 @@ import math
 import os
 import statistics
 import sysconfig
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
+
+from lorakern.benchmark.timing import Stopwatch
 
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -101,11 +102,6 @@ def _rank_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _saved_bytes(params) -> tuple[contextlib.AbstractContextManager, dict]:
     """A context that records the storages autograd saves (parameters excluded), and the record."""
     skip = {p.untyped_storage().data_ptr() for p in params}
@@ -161,21 +157,19 @@ def train(name: str, patched: bool, p: dict, args, device: torch.device, train_b
         bar = tqdm(train_batches, desc=f"{name:>10}", unit="step", dynamic_ncols=True, disable=rank != 0)
         for step, ids in enumerate(bar):
             ids = ids[rank::world].to(device)
-            _sync(device)
-            t0 = time.perf_counter()
             hooks, seen = _saved_bytes(model.parameters()) if step == 0 else (contextlib.nullcontext(), {})
-            with hooks, autocast():
-                loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if world > 1:
-                loss = loss.detach().clone()
-                dist.all_reduce(loss)
-                loss /= world
-            run.losses.append(loss.item())
-            _sync(device)
-            run.step_s.append(time.perf_counter() - t0)
+            with Stopwatch(device) as clock:
+                with hooks, autocast():
+                    loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if world > 1:
+                    loss = loss.detach().clone()
+                    dist.all_reduce(loss)
+                    loss /= world
+                run.losses.append(loss.item())
+            run.step_s.append(clock.seconds)
             run.saved_bytes = run.saved_bytes or sum(seen.values())
             bar.set_postfix(loss=f"{run.losses[-1]:.3f}", tok_s=f"{run.tokens_per_step / run.step_s[-1]:,.0f}")
         if device.type == "cuda":

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lorakern import benchmark as bm
+from lorakern.benchmark import gates
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -27,12 +28,12 @@ def _record(provider, ms, *, r=16, masked=False, mode="fwd", M=16):
 
 
 def test_masked_variant_brings_its_half_rank_cases():
-    args = bm._parser().parse_args(["--quick", "--device", "cpu", "--modes", "fwd"])
+    args = bm.parser().parse_args(["--quick", "--device", "cpu", "--modes", "fwd"])
     cases = bm.select_cases(args, torch.device("cpu"))
     masked = {c.shape for c in cases if c.variant.masked}
     plain = {c.shape for c in cases if c.variant == bm.Variant()}
     assert masked and all(bm.Shape(s.M, s.K, s.N, s.r // 2) in plain for s in masked)
-    args = bm._parser().parse_args(["--quick", "--device", "cpu", "--modes", "fwd", "--variants", "plain"])
+    args = bm.parser().parse_args(["--quick", "--device", "cpu", "--modes", "fwd", "--variants", "plain"])
     assert all(c.shape.r == 16 for c in bm.select_cases(args, torch.device("cpu")))
 
 
@@ -43,9 +44,11 @@ def test_ratio_to_half_rank_pairs_the_same_provider_and_shape():
     assert abs(recs[1]["ratio_to_half_rank"] - 1.1) < 1e-12
     assert "ratio_to_half_rank" not in recs[3]  # its half-rank record has another M
     assert all("ratio_to_half_rank" not in r for r in recs if not r["masked"])
+    lines = gates.report_lines(gates.evaluate(recs, "cuda"))
+    assert "  UNMET  lorakern-triton  fwd    M=16    K=256   N=256   r=16  p=0 masked 1 adapters: 1.100" in lines
     out = io.StringIO()
     bm.print_table(recs, ["base", "lorakern-triton", "lorakern-torch"], out=out)
-    assert "lorakern-triton  fwd    M=16    K=256   N=256   r=16: 1.100" in out.getvalue()
+    assert "fwd       16   256   256  16 p=0 masked 1 adapters" in out.getvalue()
 
 
 def test_host_profile_runs_on_cpu(capsys):
