@@ -5,9 +5,10 @@
 >>> layer(torch.randn(4, 64)).shape
 torch.Size([4, 32])
 """
+from lorakern.batch import ActiveRanks, AdapterBatch
 from lorakern.modules import LoRALinear
 from lorakern.ops import BACKENDS, backend_status, lora_linear
 from lorakern.reference import reference_lora_linear
 
 __version__ = "0.1.0"
-__all__ = ["lora_linear", "LoRALinear", "reference_lora_linear", "backend_status", "BACKENDS", "__version__"]
+__all__ = ["lora_linear", "LoRALinear", "AdapterBatch", "ActiveRanks", "reference_lora_linear", "backend_status", "BACKENDS", "__version__"]

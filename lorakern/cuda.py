@@ -23,7 +23,9 @@ from typing import Optional
 
 import torch
 
-__all__ = ["available", "build", "forward", "backward", "dropout_keep"]
+from lorakern.backends.interface import Grads, Needs, Operands, Problem
+
+__all__ = ["available", "runs_on", "build", "forward", "backward", "dropout_keep"]
 
 _ROOT = Path(__file__).resolve().parent.parent
 
@@ -136,22 +138,27 @@ def _ops():
     return torch.ops.lorakern_cuda
 
 
-def forward(x, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx, out_scale,
-            dropout_p, seed, adapter_index, base_scale=None, deterministic=False):
+def runs_on(device: torch.device, dtype: torch.dtype) -> bool:
+    """CUDA devices; float16, bfloat16 and float32."""
+    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16, torch.float32)
+
+
+def forward(pb: Problem, op: Operands) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, q) per ARCHITECTURE.md; the op has checked every argument, so the C++ value checks
     (which sync) are skipped."""
-    return _ops().forward(x, weight, bias, lora_A, lora_B, float(scaling), scaling_g, rank_scale, rank_idx,
-                          out_scale, float(dropout_p), int(seed), adapter_index, base_scale, bool(deterministic),
-                          False)
+    return _ops().forward(op.x, op.weight, op.bias, op.lora_A, op.lora_B, pb.scaling, op.scaling_g, op.rank_scale,
+                          op.rank_idx, op.out_scale, pb.dropout_p, pb.seed, op.adapter_index, op.base_scale,
+                          pb.deterministic, False)
 
 
-def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx, out_scale,
-             dropout_p, seed, adapter_index, base_scale, q, needs, deterministic=False):
-    """(dx, dweight, dbias, dA, dB, drank_scale, dout_scale, dbase_scale); None where ``needs`` is False."""
-    grads = _ops().backward(grad_y, x, weight, lora_A, lora_B, float(scaling), scaling_g, rank_scale, rank_idx,
-                            out_scale, float(dropout_p), int(seed), adapter_index, base_scale, q,
-                            [int(n) for n in needs], bool(deterministic), False)
-    return tuple(gr if n else None for gr, n in zip(grads, needs))
+def backward(pb: Problem, op: Operands, grad_y: torch.Tensor, q: torch.Tensor, needs: Needs) -> Grads:
+    """Gradients per ARCHITECTURE.md; None where ``needs`` is False."""
+    flags = [needs.x, needs.weight, needs.bias, needs.lora_A, needs.lora_B, needs.rank_scale, needs.out_scale,
+             needs.base_scale]
+    grads = _ops().backward(grad_y, op.x, op.weight, op.lora_A, op.lora_B, pb.scaling, op.scaling_g, op.rank_scale,
+                            op.rank_idx, op.out_scale, pb.dropout_p, pb.seed, op.adapter_index, op.base_scale, q,
+                            [int(n) for n in flags], pb.deterministic, False)
+    return Grads(*(gr if n else None for gr, n in zip(grads, flags)))
 
 
 def dropout_keep(seed: int, M: int, K: int, dropout_p: float, device) -> torch.Tensor:

@@ -10,6 +10,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from lorakern.batch import AdapterBatch
 from lorakern.ops import lora_linear
 
 __all__ = ["LoRALinear", "AdapterBank"]
@@ -141,12 +142,13 @@ class AdapterBank(nn.Module):
     """G adapters for one base layer, stored as banks ``A [G, r, in]`` and ``B [G, out, r]``.
 
     ``forward(x, adapter_index)`` runs one adapter per row (-1: the base alone), as in
-    multi-adapter serving.
+    multi-adapter serving. ``adapter_index`` is an int tensor [...] (one per row of x, read on every
+    call) or an :class:`~lorakern.AdapterBatch` that ``prepare`` built once for all layers of a batch.
 
     >>> base = nn.Linear(64, 32)
     >>> bank = AdapterBank(base, num_adapters=4, r=8)
-    >>> idx = torch.tensor([0, 3, -1])
-    >>> bank(torch.randn(3, 64), idx).shape
+    >>> batch = bank.prepare(torch.tensor([0, 3, -1]))   # once per batch, shared by every layer
+    >>> bank(torch.randn(3, 64), batch).shape
     torch.Size([3, 32])
     """
 
@@ -166,8 +168,14 @@ class AdapterBank(nn.Module):
         for a in self.lora_A.data:
             _kaiming_uniform_(a)
 
-    def forward(self, x: torch.Tensor, adapter_index: torch.Tensor) -> torch.Tensor:
+    def prepare(self, adapter_index: torch.Tensor) -> AdapterBatch:
+        """The batch's rows, checked and sorted once: int [...] (flattened) -> AdapterBatch."""
+        return AdapterBatch(adapter_index.reshape(-1), num_adapters=self.lora_A.shape[0])
+
+    def forward(self, x: torch.Tensor, adapter_index: Union[torch.Tensor, AdapterBatch]) -> torch.Tensor:
         lead = x.shape[:-1]
+        if isinstance(adapter_index, torch.Tensor):
+            adapter_index = adapter_index.reshape(-1)
         y = lora_linear(x.reshape(-1, x.shape[-1]), self.base.weight, self.base.bias, self.lora_A, self.lora_B,
-                        scaling=self.scaling, adapter_index=adapter_index.reshape(-1), backend=self.backend)
+                        scaling=self.scaling, adapter_index=adapter_index, backend=self.backend)
         return y.reshape(*lead, -1)

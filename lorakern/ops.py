@@ -1,75 +1,63 @@
 """The generalized LoRA op: argument checks, backend choice and the torch.library registration.
 
-Everything that computes lives in a backend (``reference.py`` for ``torch``, ``triton/`` and
-``cuda.py``); this module checks arguments before any kernel runs, normalises them to the
-backend interface of ARCHITECTURE.md and owns the autograd formula's plumbing.
+Everything that computes lives in a backend (``lorakern/backends/``: ``portable`` for ``torch``,
+``lorakern/triton/``, ``lorakern/cuda.py``); this module checks arguments before any kernel runs,
+builds the backend interface's ``Problem`` and ``Operands`` (``lorakern/backends/interface.py``)
+and owns the autograd formula's plumbing.
 """
 from __future__ import annotations
 
-import importlib
-import os
-import weakref
 from typing import Optional, Sequence, Union
 
 import torch
 
-__all__ = ["lora_linear", "BACKENDS", "backend_status", "get_backend", "resolve_backend"]
+from lorakern import backends
+from lorakern.backends.interface import Grads, Needs, Operands, Problem, qdtype
+from lorakern.batch import ActiveRanks, AdapterBatch, can_sync
 
-BACKENDS = ("torch", "triton", "cuda")
-_MODULES = {"torch": "lorakern.reference", "triton": "lorakern.triton", "cuda": "lorakern.cuda"}
+__all__ = ["lora_linear", "BACKENDS", "backend_status", "resolve_backend"]
+
+BACKENDS = backends.NAMES
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-_LOADED: dict = {}  # name -> module: the op asks on every call, and import_module costs microseconds
-
-
-def get_backend(name: str):
-    """The backend module called ``name`` (see ARCHITECTURE.md for its interface)."""
-    mod = _LOADED.get(name)
-    if mod is None:
-        if name not in _MODULES:
-            raise ValueError(f"backend: expected one of {('auto',) + BACKENDS}, got {name!r}")
-        mod = _LOADED[name] = importlib.import_module(_MODULES[name])
-    return mod
+_CPU_PREFERENCE = ("cpu", "torch")  # auto on a CPU: the native kernels where they are built
 
 
 def backend_status(name: str) -> tuple[bool, str]:
-    """``(True, "")`` if backend ``name`` can run here, else ``(False, reason)`` in one line."""
-    try:
-        mod = get_backend(name)
-    except ImportError as e:  # triton not installed, say
-        return False, f"unavailable: {e}"
-    return mod.available()
+    """``(True, "")`` if backend ``name`` can run here, else ``(False, reason)`` in one line.
 
+    ``"auto"`` is always available (it falls back to the ``torch`` backend).
 
-def _device_ok(name: str, device: torch.device) -> bool:
-    """Whether backend ``name`` (available) computes on ``device``."""
-    if device.type == "cpu":
-        return name == "torch" or (name == "triton" and os.environ.get("TRITON_INTERPRET") == "1")
-    return device.type == "cuda" or name == "torch"
-
-
-def _runs_on(name: str, device: torch.device) -> bool:
-    return backend_status(name)[0] and _device_ok(name, device)
+    Raises:
+        ValueError: ``name`` is not ``"auto"`` or a backend name.
+    """
+    if name == "auto":
+        return True, ""
+    return backends.status(name)
 
 
 def resolve_backend(backend: str, x: torch.Tensor, M: int, K: int, N: int, R: int) -> str:
-    """The backend that runs: ``backend`` itself if forced, else the fastest for this device and shape."""
+    """The backend that runs: ``backend`` itself if forced, else the fastest for this device and shape.
+
+    Raises:
+        ValueError: an unknown name, or a forced backend that cannot compute on x's device / dtype.
+        RuntimeError: a forced backend that is unavailable here (the reason in one line).
+    """
     if backend != "auto":
-        if backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {('auto',) + BACKENDS}, got {backend!r}")
-        ok, why = backend_status(backend)
+        b = backends.get(backend)
+        ok, why = b.available()
         if not ok:
             raise RuntimeError(f"backend {backend!r} is {why}")
-        if not _device_ok(backend, x.device):
-            raise ValueError(f"backend: {backend!r} cannot run on device {x.device}")
+        if not b.runs_on(x.device, x.dtype):
+            raise ValueError(f"backend: {backend!r} cannot run {x.dtype} on device {x.device}")
         return backend
-    if x.device.type != "cuda" or x.dtype == torch.float64:
-        return "torch"
-    from lorakern import autotable
+    if x.device.type == "cuda" and x.dtype != torch.float64:
+        from lorakern import autotable
 
-    for name in autotable.preference(x.device, x.dtype, M, K, N, R):
-        if _runs_on(name, x.device):
+        order = autotable.preference(x.device, x.dtype, M, K, N, R)
+    else:
+        order = _CPU_PREFERENCE
+    for name in order:
+        if name in backends.BACKENDS and backends.runs_on(name, x.device, x.dtype):
             return name
     return "torch"
 
@@ -145,6 +133,8 @@ def _check_args(x, weight, bias, A, B, scaling, rank_scale, rank_mask, out_scale
     elif not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
         raise TypeError(f"scaling: expected a float or a tensor, got {type(scaling).__name__}")
     _check_vector("rank_scale", rank_scale, R, banked, G, x)
+    if isinstance(rank_mask, ActiveRanks):
+        rank_mask = rank_mask.mask
     _check_vector("rank_mask", rank_mask, R, banked, G, x, floating=False)
     if rank_mask is not None and rank_mask.dtype != torch.bool:
         raise TypeError(f"rank_mask: expected dtype torch.bool, got {rank_mask.dtype}")
@@ -159,84 +149,30 @@ def _check_args(x, weight, bias, A, B, scaling, rank_scale, rank_mask, out_scale
         return M, K, N, R, G
     if not banked:
         raise ValueError(f"adapter_index: given, so lora_A must be a bank [G, r, {K}], got shape {_shape(A)}")
-    if not isinstance(adapter_index, torch.Tensor):
-        raise TypeError(f"adapter_index: expected a torch.Tensor, got {type(adapter_index).__name__}")
-    if adapter_index.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"adapter_index: expected dtype int32 or int64, got {adapter_index.dtype}")
-    if adapter_index.device != x.device:
-        raise ValueError(f"adapter_index: expected device {x.device} (that of x), got {adapter_index.device}")
-    if adapter_index.dim() != 1 or adapter_index.shape[0] != M:
-        raise ValueError(f"adapter_index: expected shape [{M}] (one per row of x), got {_shape(adapter_index)}")
-    if M and not _no_sync(x):
-        lo, hi = _index_range(adapter_index)
-        if lo < -1 or hi >= G:
-            bad = lo if lo < -1 else hi
-            raise ValueError(f"adapter_index: expected values in [-1, {G}), got {bad}")
+    index = adapter_index.index if isinstance(adapter_index, AdapterBatch) else adapter_index
+    if not isinstance(index, torch.Tensor):
+        raise TypeError(f"adapter_index: expected a torch.Tensor or an AdapterBatch, got {type(index).__name__}")
+    if index.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"adapter_index: expected dtype int32 or int64, got {index.dtype}")
+    if index.device != x.device:
+        raise ValueError(f"adapter_index: expected device {x.device} (that of x), got {index.device}")
+    if index.dim() != 1 or index.shape[0] != M:
+        raise ValueError(f"adapter_index: expected shape [{M}] (one per row of x), got {_shape(index)}")
+    if isinstance(adapter_index, AdapterBatch) and adapter_index.num_adapters != G:
+        raise ValueError(f"adapter_index: an AdapterBatch for {adapter_index.num_adapters} adapters, "
+                         f"but lora_A has {G}: shape {_shape(A)}")
     return M, K, N, R, G
-
-
-_RANGE_SEEN: list = [None, -1, 0, 0]  # weakref to the last index tensor checked, its version, min, max
-
-
-def _index_range(adapter_index: torch.Tensor) -> tuple[int, int]:
-    """(min, max) of ``adapter_index``: one host sync per index tensor and in-place version. A model
-    passes the same index to every adapted layer of a step, so eager serving syncs once per step,
-    not once per layer; a new tensor, or an in-place change to this one, is read again. Inference
-    tensors keep no version counter, so they are read on every call."""
-    ref, version, lo, hi = _RANGE_SEEN
-    current = None if adapter_index.is_inference() else adapter_index._version
-    if current is not None and ref is not None and ref() is adapter_index and version == current:
-        return lo, hi
-    lo, hi = (int(v) for v in torch.aminmax(adapter_index))
-    if current is not None:
-        _RANGE_SEEN[:] = [weakref.ref(adapter_index), current, lo, hi]
-    return lo, hi
-
-
-def _no_sync(x: torch.Tensor) -> bool:
-    """True where a host sync is impossible (graph capture, torch.compile): value checks are
-    skipped there and kernels treat an out-of-range adapter index as -1 (base only)."""
-    return torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing())
-
-
-# --------------------------------------------------------------------------- rank-mask compaction
-
-_IDX_CACHE: dict = {}
-
-
-def _active_ranks(rank_mask: torch.Tensor) -> Optional[torch.Tensor]:
-    """int64 indices of the ranks active in any adapter, or None when all are active.
-
-    Cached on the mask's storage and version counter, so an unchanged mask costs no sync. An
-    inference tensor has no version counter: it is read on every call.
-    """
-    key = None if rank_mask.is_inference() else (rank_mask.data_ptr(), rank_mask._version, tuple(rank_mask.shape),
-                                                 rank_mask.device)
-    hit = _IDX_CACHE.get(key) if key is not None else None
-    if hit is not None:
-        return hit[0]
-    any_active = rank_mask if rank_mask.dim() == 1 else rank_mask.any(dim=0)
-    idx = torch.nonzero(any_active).flatten()
-    result = None if idx.numel() == any_active.numel() else idx
-    if key is not None:
-        if len(_IDX_CACHE) > 4096:
-            _IDX_CACHE.clear()
-        _IDX_CACHE[key] = (result, rank_mask)  # keep the mask alive so the pointer is not reused
-    return result
 
 
 # --------------------------------------------------------------------------- the registered ops
 
 
-def _seed_int(seed: Optional[torch.Tensor]) -> int:
-    """The dropout seed: a CPU int64 scalar tensor through the op (so torch.compile can trace
-    drawing it from torch's generator), a Python int for the backends."""
-    return 0 if seed is None else int(seed)
-
-
-def _qdtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
+def _problem(x, weight, lora_A, scaling, rank_idx, dropout_p, seed, deterministic) -> Problem:
+    banked = lora_A.dim() == 3
+    return Problem(M=x.shape[0], K=x.shape[1], N=weight.shape[0], R=lora_A.shape[-2],
+                   Ra=lora_A.shape[-2] if rank_idx is None else rank_idx.shape[0],
+                   G=lora_A.shape[0] if banked else 1, banked=banked, scaling=float(scaling),
+                   dropout_p=float(dropout_p), seed=0 if seed is None else int(seed), deterministic=deterministic)
 
 
 def _forward_impl(
@@ -244,16 +180,17 @@ def _forward_impl(
     lora_B: torch.Tensor, scaling: float, scaling_g: Optional[torch.Tensor],
     rank_scale: Optional[torch.Tensor], rank_idx: Optional[torch.Tensor],
     out_scale: Optional[torch.Tensor], dropout_p: float, seed: Optional[torch.Tensor],
-    adapter_index: Optional[torch.Tensor], base_scale: Optional[torch.Tensor], backend: str, deterministic: bool,
+    adapter_index: Optional[torch.Tensor], row_order: Optional[torch.Tensor], adapter_rows: Optional[torch.Tensor],
+    base_scale: Optional[torch.Tensor], backend: str, deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    M, N = x.shape[0], weight.shape[0]
-    Ra = lora_A.shape[-2] if rank_idx is None else rank_idx.shape[0]
-    if M == 0:
-        return x.new_empty(0, N), torch.empty(0, Ra, device=x.device, dtype=_qdtype(x))
-    return get_backend(backend).forward(
-        x, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx, out_scale,
-        dropout_p, _seed_int(seed), adapter_index, base_scale, deterministic,
-    )
+    """The forward op: (y [M, N], q [M, Ra]). The seed travels as a CPU int64 scalar tensor (so
+    torch.compile can trace drawing it from torch's generator); backends get an int."""
+    pb = _problem(x, weight, lora_A, scaling, rank_idx, dropout_p, seed, deterministic)
+    if pb.M == 0:
+        return x.new_empty(0, pb.N), torch.empty(0, pb.Ra, device=x.device, dtype=qdtype(x))
+    op = Operands(x, weight, bias, lora_A, lora_B, scaling_g, rank_scale, rank_idx, out_scale, base_scale,
+                  adapter_index, row_order, adapter_rows)
+    return backends.get(backend).forward(pb, op)
 
 
 _fwd = torch.library.custom_op("lorakern::lora_linear_fwd", mutates_args=())(_forward_impl)
@@ -261,11 +198,9 @@ _fwd = torch.library.custom_op("lorakern::lora_linear_fwd", mutates_args=())(_fo
 
 @_fwd.register_fake
 def _fwd_fake(x, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx, out_scale,
-              dropout_p, seed, adapter_index, base_scale, backend, deterministic):
+              dropout_p, seed, adapter_index, row_order, adapter_rows, base_scale, backend, deterministic):
     Ra = lora_A.shape[-2] if rank_idx is None else rank_idx.shape[0]
-    y = x.new_empty(x.shape[0], weight.shape[0])
-    q = x.new_empty(x.shape[0], Ra, dtype=_qdtype(x))
-    return y, q
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], Ra, dtype=qdtype(x))
 
 
 def _backward_impl(
@@ -273,17 +208,19 @@ def _backward_impl(
     lora_B: torch.Tensor, scaling: float, scaling_g: Optional[torch.Tensor],
     rank_scale: Optional[torch.Tensor], rank_idx: Optional[torch.Tensor],
     out_scale: Optional[torch.Tensor], dropout_p: float, seed: Optional[torch.Tensor],
-    adapter_index: Optional[torch.Tensor], base_scale: Optional[torch.Tensor], q: torch.Tensor, needs: list[bool],
-    backend: str, deterministic: bool,
+    adapter_index: Optional[torch.Tensor], row_order: Optional[torch.Tensor], adapter_rows: Optional[torch.Tensor],
+    base_scale: Optional[torch.Tensor], q: torch.Tensor, needs: list[bool], backend: str, deterministic: bool,
 ) -> list[torch.Tensor]:
+    """The backward op: the eight gradients of ``Grads``, an empty tensor where ``needs`` is False
+    (custom ops return tensors only)."""
+    need = Needs(*needs)
     if x.shape[0] == 0:
         grads = _zero_grads(x, weight, lora_A, lora_B, rank_scale, out_scale, base_scale, needs)
     else:
-        grads = get_backend(backend).backward(
-            grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx,
-            out_scale, dropout_p, _seed_int(seed), adapter_index, base_scale, q, tuple(needs), deterministic,
-        )
-    # custom ops return tensors only: an empty tensor stands for "not computed"
+        pb = _problem(x, weight, lora_A, scaling, rank_idx, dropout_p, seed, deterministic)
+        op = Operands(x, weight, None, lora_A, lora_B, scaling_g, rank_scale, rank_idx, out_scale, base_scale,
+                      adapter_index, row_order, adapter_rows)
+        grads = backends.get(backend).backward(pb, op, grad_y, q, need)
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 
@@ -297,39 +234,46 @@ def _grad_likes(x, weight, A, B, rank_scale, out_scale, base_scale):
 
 def _zero_grads(x, weight, A, B, rank_scale, out_scale, base_scale, needs):
     likes = _grad_likes(x, weight, A, B, rank_scale, out_scale, base_scale)
-    return [torch.zeros_like(t) if n and t is not None else None for n, t in zip(needs, likes)]
+    return Grads(*(torch.zeros_like(t) if n and t is not None else None for n, t in zip(needs, likes)))
 
 
 @_bwd.register_fake
 def _bwd_fake(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx, out_scale,
-              dropout_p, seed, adapter_index, base_scale, q, needs, backend, deterministic):
+              dropout_p, seed, adapter_index, row_order, adapter_rows, base_scale, q, needs, backend, deterministic):
     likes = _grad_likes(x, weight, lora_A, lora_B, rank_scale, out_scale, base_scale)
     return [torch.empty_like(t, memory_format=torch.contiguous_format) if n and t is not None else x.new_empty(0)
             for n, t in zip(needs, likes)]
 
 
+# positions of the differentiable inputs of _forward_impl, in Grads' order
+_GRAD_INPUTS = (0, 1, 2, 3, 4, 7, 9, 15)
+_N_INPUTS = 18
+
+
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, A, B, scaling, scaling_g, rank_scale, rank_idx, out_scale, p, seed, adapter_index,
-     base_scale, backend, deterministic) = inputs
+     row_order, adapter_rows, base_scale, backend, deterministic) = inputs
     _, q = output
-    ctx.needs = [bool(ctx.needs_input_grad[i]) for i in (0, 1, 2, 3, 4, 7, 9, 13)]
+    ctx.needs = [bool(ctx.needs_input_grad[i]) for i in _GRAD_INPUTS]
     ctx.scalars = (scaling, p, backend, deterministic)
-    ctx.save_for_backward(x, weight, A, B, scaling_g, rank_scale, rank_idx, out_scale, adapter_index, base_scale, q,
-                          seed)
+    ctx.save_for_backward(x, weight, A, B, scaling_g, rank_scale, rank_idx, out_scale, adapter_index, row_order,
+                          adapter_rows, base_scale, q, seed)
     ctx.mark_non_differentiable(q)
 
 
 def _backward(ctx, grad_y, grad_q):
-    x, weight, A, B, scaling_g, rank_scale, rank_idx, out_scale, adapter_index, base_scale, q, seed = ctx.saved_tensors
+    (x, weight, A, B, scaling_g, rank_scale, rank_idx, out_scale, adapter_index, row_order, adapter_rows,
+     base_scale, q, seed) = ctx.saved_tensors
     scaling, p, backend, deterministic = ctx.scalars
-    needs = ctx.needs
-    if not any(needs):
-        return (None,) * 16
+    grads = [None] * _N_INPUTS
+    if not any(ctx.needs):
+        return tuple(grads)
     bwd = _backward_impl if getattr(ctx, "direct", False) else _bwd
-    grads = bwd(grad_y.contiguous(), x, weight, A, B, scaling, scaling_g, rank_scale, rank_idx, out_scale,
-                p, seed, adapter_index, base_scale, q, needs, backend, deterministic)
-    dx, dw, db, dA, dB, drs, dv, dbs = (g if n else None for g, n in zip(grads, needs))
-    return dx, dw, db, dA, dB, None, None, drs, None, dv, None, None, None, dbs, None, None
+    out = bwd(grad_y.contiguous(), x, weight, A, B, scaling, scaling_g, rank_scale, rank_idx, out_scale,
+              p, seed, adapter_index, row_order, adapter_rows, base_scale, q, ctx.needs, backend, deterministic)
+    for i, g, n in zip(_GRAD_INPUTS, out, ctx.needs):
+        grads[i] = g if n else None
+    return tuple(grads)
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -368,11 +312,11 @@ def lora_linear(
     *,
     scaling: Union[float, torch.Tensor] = 1.0,
     rank_scale: Optional[torch.Tensor] = None,
-    rank_mask: Optional[torch.Tensor] = None,
+    rank_mask: Union[torch.Tensor, ActiveRanks, None] = None,
     out_scale: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
     seed: Optional[int] = None,
-    adapter_index: Optional[torch.Tensor] = None,
+    adapter_index: Union[torch.Tensor, AdapterBatch, None] = None,
     base_scale: Optional[torch.Tensor] = None,
     deterministic: Optional[bool] = None,
     backend: str = "auto",
@@ -417,27 +361,28 @@ def lora_linear(
         if scaling.dim() == 0:
             scaling = float(scaling)
         else:
-            scaling_g = scaling.detach().to(_qdtype(x))
+            scaling_g = scaling.detach().to(qdtype(x))
             scaling = 1.0
     scaling = float(scaling)
 
     rank_idx = None
     if rank_mask is not None:
-        m = rank_mask.to(x.dtype)
+        ranks = rank_mask if isinstance(rank_mask, ActiveRanks) else ActiveRanks(rank_mask)
+        m = ranks.mask.to(x.dtype)
         rank_scale = m if rank_scale is None else rank_scale * m
-        if not _no_sync(x):
-            rank_idx = _active_ranks(rank_mask)
-            if rank_idx is not None and rank_idx.numel() == 0:
-                rank_idx = None  # no active rank: run unmasked with u * m = 0, so A and B get zero grads
-            elif rank_mask.dim() == 1 and rank_scale is m:
-                rank_scale = None  # the compacted ranks all have mask 1
+        rank_idx = ranks.index  # None: every rank runs (all active, none active, or not readable here)
+        if rank_idx is not None and ranks.mask.dim() == 1 and rank_scale is m:
+            rank_scale = None  # the compacted ranks all have mask 1
+
+    row_order = adapter_rows = None
+    if adapter_index is not None:
+        batch = adapter_index if isinstance(adapter_index, AdapterBatch) else AdapterBatch(adapter_index, G)
+        adapter_index, row_order, adapter_rows = batch.index, batch.order, batch.rows
 
     lead = x.shape[:-1]
     x2 = x.reshape(M, K)
-    if adapter_index is not None:
-        adapter_index = adapter_index.to(torch.int64)
     direct = not torch.compiler.is_compiling() and all(type(t) in _PLAIN for t in (x2, weight, lora_A, lora_B))
     y, _ = (_Direct.apply if direct else _fwd)(x2, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale,
-                                               rank_idx, out_scale, dropout_p, seed_t, adapter_index, base_scale,
-                                               name, deterministic)
+                                               rank_idx, out_scale, dropout_p, seed_t, adapter_index, row_order,
+                                               adapter_rows, base_scale, name, deterministic)
     return y if x.dim() == 2 else y.reshape(*lead, N)

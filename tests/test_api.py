@@ -9,15 +9,16 @@ from torch import nn
 
 import lorakern
 from lorakern.ops import _bwd, _fwd
-from lorakern.reference import dropout_keep, reference_lora_linear
+from lorakern.backends.portable import dropout_keep
+from lorakern.batch import AdapterBatch
+from lorakern.reference import reference_lora_linear
+from lorakern.testing import random_problem, rel_err
 
 
 def inputs(M=6, K=10, N=8, R=4, G=None, dtype=torch.float32):
-    g = torch.Generator().manual_seed(0)
-    bank = () if G is None else (G,)
-    return (torch.randn(M, K, generator=g, dtype=dtype), torch.randn(N, K, generator=g, dtype=dtype),
-            torch.randn(N, generator=g, dtype=dtype), torch.randn(*bank, R, K, generator=g, dtype=dtype),
-            torch.randn(*bank, N, R, generator=g, dtype=dtype))
+    """(x, weight, bias, lora_A, lora_B) of ``lorakern.testing.random_problem``."""
+    t, _ = random_problem(M, K, N, R, G=G, dtype=dtype)
+    return t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"]
 
 
 # --------------------------------------------------------------------------- bad input
@@ -77,22 +78,48 @@ def test_bad_adapter_index(idx, msg):
 
 
 @pytest.mark.parametrize("inference", [False, True])
-def test_index_range_read_once_per_tensor_and_version(monkeypatch, inference):
-    """The index's values are read (a host sync on a GPU) once per tensor for every layer of a step,
-    again after an in-place change; inference tensors carry no version, so they are read each call."""
+def test_prepared_batch_read_once_for_every_layer(monkeypatch, inference):
+    """An AdapterBatch reads the index's values (a host sync on a GPU) once, when built, whatever
+    the number of layers that take it; a plain tensor is read on every call, so an in-place change
+    (also through .data or NumPy) is always seen, under inference_mode or not."""
     x, W, b, A, B = inputs(G=3)
     reads = []
-    real = torch.aminmax
-    monkeypatch.setattr(torch, "aminmax", lambda t: reads.append(1) or real(t))
+    real = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: reads.append(1) or real(t, *a, **k))
     with torch.inference_mode(inference):
         idx = torch.tensor([0, 1, 2, 0, -1, 1])
+        batch = lorakern.AdapterBatch(idx, num_adapters=3)
+        for _ in range(4):
+            lorakern.lora_linear(x, W, b, A, B, adapter_index=batch)
+        assert len(reads) == 1
         for _ in range(4):
             lorakern.lora_linear(x, W, b, A, B, adapter_index=idx)
-        assert len(reads) == (4 if inference else 1)
-        idx[0] = 3
+        assert len(reads) == 5
+        idx.data[0] = 3
         with pytest.raises(ValueError, match=r"adapter_index: expected values in \[-1, 3\), got 3"):
             lorakern.lora_linear(x, W, b, A, B, adapter_index=idx)
+        idx.numpy()[0] = -2
+        with pytest.raises(ValueError, match=r"got -2"):
+            lorakern.lora_linear(x, W, b, A, B, adapter_index=idx)
         lorakern.lora_linear(x, W, b, A, B, adapter_index=idx.clone().fill_(2))
+
+
+def test_batch_for_another_bank_size():
+    x, W, b, A, B = inputs(G=3)
+    with pytest.raises(ValueError, match="adapter_index: an AdapterBatch for 2 adapters, but lora_A has 3"):
+        lorakern.lora_linear(x, W, b, A, B, adapter_index=lorakern.AdapterBatch(torch.zeros(6, dtype=torch.long), 2))
+
+
+def test_rank_mask_changed_in_place_is_seen():
+    """No cache: a mask changed through .data or a NumPy view gives the new result on the next call."""
+    x, W, b, A, B = inputs()
+    m = torch.tensor([True, False, True, True])
+    m.data[1] = True
+    assert torch.allclose(lorakern.lora_linear(x, W, b, A, B, rank_mask=m), lorakern.lora_linear(x, W, b, A, B))
+    m.numpy()[0] = False
+    assert torch.allclose(lorakern.lora_linear(x, W, b, A, B, rank_mask=m),
+                          lorakern.lora_linear(x, W, b, A, B, rank_mask=m.clone()))
+    assert not torch.allclose(lorakern.lora_linear(x, W, b, A, B, rank_mask=m), lorakern.lora_linear(x, W, b, A, B))
 
 
 def test_rank_mask_made_under_inference_mode():
@@ -169,8 +196,8 @@ def _op_args(requires_grad):
     c = torch.rand(8)
     for t in (x, A, B, c):
         t.requires_grad_(requires_grad)
-    return (x, W, b, A, B, 0.5, None, torch.rand(4), None, torch.rand(8), 0.1, torch.tensor(9), None, c, "torch",
-            False)
+    return (x, W, b, A, B, 0.5, None, torch.rand(4), None, torch.rand(8), 0.1, torch.tensor(9), None, None, None, c,
+            "torch", False)
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])
@@ -181,15 +208,17 @@ def test_opcheck_forward(requires_grad):
 def test_opcheck_banked():
     x, W, b, A, B = inputs(G=3)
     A.requires_grad_()
-    args = (x, W, b, A, B, 1.0, torch.rand(3), None, None, None, 0.0, None, torch.tensor([0, 2, -1, 1, 1, 0]), None,
+    batch = AdapterBatch(torch.tensor([0, 2, -1, 1, 1, 0]), num_adapters=3)
+    args = (x, W, b, A, B, 1.0, torch.rand(3), None, None, None, 0.0, None, batch.index, batch.order, batch.rows, None,
             "torch", True)
     torch.library.opcheck(_fwd, args)
 
 
 def test_opcheck_backward():
     x, W, b, A, B = inputs()
-    y, q = _fwd(x, W, b, A, B, 0.5, None, None, None, None, 0.1, torch.tensor(9), None, None, "torch", False)
-    args = (torch.randn_like(y), x, W, A, B, 0.5, None, None, None, None, 0.1, torch.tensor(9), None, None, q,
+    y, q = _fwd(x, W, b, A, B, 0.5, None, None, None, None, 0.1, torch.tensor(9), None, None, None, None, "torch",
+                False)
+    args = (torch.randn_like(y), x, W, A, B, 0.5, None, None, None, None, 0.1, torch.tensor(9), None, None, None, None, q,
             [True, False, True, True, True, False, False, False], "torch", False)
     torch.library.opcheck(_bwd, args)
 
@@ -248,7 +277,7 @@ def test_autocast_casts_to_the_autocast_dtype():
         y = lorakern.lora_linear(x, W, b, A, B)
     assert y.dtype == torch.bfloat16
     ref = reference_lora_linear(x, W, b, A, B)
-    assert ((y.double() - ref).norm() / ref.norm()) < 2e-2
+    assert rel_err(y, ref) < 2e-2
 
 
 def test_dropout_keep_rate():

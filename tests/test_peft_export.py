@@ -19,14 +19,13 @@ transformers = pytest.importorskip("transformers")
 
 from peft import AdaLoraConfig, LoraConfig, PeftModel, VeraConfig, get_peft_model  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from conftest import TINY_LLAMA, tiny_llama  # noqa: E402
 from lorakern.methods import AdaLoRA, CGLoRA, DoRA, IGULoRA, LoRA, Method, RefLoRA, TiedLoRA, VeRA  # noqa: E402
-from lorakern.methods.export import save_peft  # noqa: E402
+from lorakern.peft import save_peft  # noqa: E402
+from lorakern.testing import rel_err  # noqa: E402
 
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-CFG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-           num_key_value_heads=2, vocab_size=128)
 R = 4
 ADA = dict(init_r=R, target_r=2, total_step=4, tinit=0, tfinal=1, target_modules=SEVEN)
 
@@ -50,24 +49,14 @@ CASES = {
 }
 
 
-def llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**CFG))
-
-
 def batch(seed: int) -> dict:
-    ids = torch.randint(0, CFG["vocab_size"], (4, 16), generator=torch.Generator().manual_seed(seed))
+    ids = torch.randint(0, TINY_LLAMA["vocab_size"], (4, 16), generator=torch.Generator().manual_seed(seed))
     return {"input_ids": ids, "labels": ids}
 
 
 def logits(model: nn.Module) -> torch.Tensor:
     with torch.no_grad():
         return model.eval()(input_ids=batch(9)["input_ids"]).logits
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert torch.isfinite(a).all() and torch.isfinite(b).all()
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def train(m: Method, model: nn.Module, steps: int = 3) -> nn.Module:
@@ -91,14 +80,14 @@ def read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def test_peft_loads_what_save_peft_writes(name, tmp_path):
     make_method, make_config = CASES[name]
     m = make_method()
-    ours = train(m, m.apply(llama()))
+    ours = train(m, m.apply(tiny_llama()))
     if name == "adalora":  # the budget fell from 56 ranks: some are masked
         assert 0 < m.active_ranks(ours) < R * len(m.layers(ours))
     save_peft(m, ours, tmp_path / "ours")
 
-    theirs = PeftModel.from_pretrained(llama(), tmp_path / "ours")
-    assert rel(logits(theirs), logits(ours)) < 1e-5
-    assert rel(logits(ours), logits(llama())) > 1e-3  # the adapters are trained, not at their zero start
+    theirs = PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours")
+    assert rel_err(logits(theirs), logits(ours)) < 1e-5
+    assert rel_err(logits(ours), logits(tiny_llama())) > 1e-3  # the adapters are trained, not at their zero start
 
     theirs.save_pretrained(tmp_path / "resaved")  # PEFT writes back exactly what it loaded
     config, tensors = read(tmp_path / "ours")
@@ -106,7 +95,7 @@ def test_peft_loads_what_save_peft_writes(name, tmp_path):
     assert config == config_again and tensors.keys() == tensors_again.keys()
     assert all(torch.equal(t, tensors_again[k]) for k, t in tensors.items())
 
-    stock = get_peft_model(llama(), make_config())  # the equivalent PEFT config saves the same config and keys
+    stock = get_peft_model(tiny_llama(), make_config())  # the equivalent PEFT config saves the same config and keys
     stock.save_pretrained(tmp_path / "stock")
     config_stock, tensors_stock = read(tmp_path / "stock")
     if name == "adalora":
@@ -117,18 +106,18 @@ def test_peft_loads_what_save_peft_writes(name, tmp_path):
 
 def test_cglora_saves_as_lora_onto_its_shifted_base(tmp_path):
     m = CGLoRA(r=R, lora_alpha=8, target_modules=SEVEN)
-    ours = m.apply(llama())
+    ours = m.apply(tiny_llama())
     m.initialize(ours, [batch(1), batch(2)])
     train(m, ours)
     with pytest.raises(NotImplementedError, match="CGLoRA.*W0 - s B0 A0.*allow_shifted_base=True"):
         save_peft(m, ours, tmp_path)
     save_peft(m, ours, tmp_path, allow_shifted_base=True)
     assert read(tmp_path)[0]["peft_type"] == "LORA"
-    base = llama()
+    base = tiny_llama()
     with torch.no_grad():
         for name, layer in m.layers(ours):
             base.get_submodule(name).weight.copy_(layer.weight)
-    assert rel(logits(PeftModel.from_pretrained(base, tmp_path)), logits(ours)) < 1e-5
+    assert rel_err(logits(PeftModel.from_pretrained(base, tmp_path)), logits(ours)) < 1e-5
 
 
 class _OwnLoRA(LoRA):
@@ -142,7 +131,7 @@ class _OwnLoRA(LoRA):
 ])
 def test_methods_peft_does_not_have_raise(make, needle, tmp_path):
     m = make()
-    model = m.apply(llama())
+    model = m.apply(tiny_llama())
     with pytest.raises(NotImplementedError, match=needle):
         save_peft(m, model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -151,8 +140,8 @@ def test_methods_peft_does_not_have_raise(make, needle, tmp_path):
 def test_unadapted_or_merged_models_are_refused(tmp_path):
     m = LoRA(r=R, target_modules=SEVEN)
     with pytest.raises(ValueError, match="found no LoRALinear"):
-        save_peft(m, llama(), tmp_path)
-    model = m.apply(llama())
+        save_peft(m, tiny_llama(), tmp_path)
+    model = m.apply(tiny_llama())
     model.model.layers[0].mlp.up_proj.merge()
     with pytest.raises(ValueError, match="merged.*up_proj"):
         save_peft(m, model, tmp_path)

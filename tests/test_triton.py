@@ -7,6 +7,7 @@ or whole passes, sorted or unsorted rows) are forced through ``configs.OVERRIDE`
 """
 from __future__ import annotations
 
+import re
 import os
 
 import pytest
@@ -16,12 +17,10 @@ import lorakern
 import lorakern.triton
 from lorakern.alloc import poisoned
 from lorakern.reference import reference_lora_linear
-from test_op import leaf_copy, make_kw, rel_err
+from lorakern.testing import GRAD_ARGS, check_against_oracle, random_problem, rel_err, tolerance
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_CUDA = torch.cuda.is_available()
-
-GRAD_ARGS = ("x", "bias", "lora_A", "lora_B", "rank_scale", "out_scale")
 
 
 def _tiers():
@@ -57,72 +56,27 @@ def override():
     configs.OVERRIDE.update(saved)
 
 
-def tol(dt: torch.dtype) -> float:
-    return 1e-2 if dt in (torch.float16, torch.bfloat16) else 5e-4
-
-
 def shape(dev, small, big):
     """Tiny shapes under the interpreter, bigger awkward ones on a GPU."""
     return small if dev == "cpu" else big
 
 
-def make(dev, dt, M, K, N, R, *, G=None, bias=True, rank_scale=None, out_scale=None, rank_mask=False, seed=0):
-    """Fresh random inputs; rank_scale / out_scale: None, "shared" ([R] / [N]) or "per" ([G, ...])."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def rnd(*s, scale=1.0, shift=0.0):
-        return (torch.randn(*s, generator=gen) * scale + shift).to(device=dev, dtype=dt)
-
-    bank = () if G is None else (G,)
-    t = {
-        "x": rnd(M, K),
-        "weight": rnd(N, K, scale=K ** -0.5),
-        "bias": rnd(N) if bias else None,
-        "lora_A": rnd(*bank, R, K, scale=K ** -0.5),
-        "lora_B": rnd(*bank, N, R, scale=R ** -0.5),
-        "rank_scale": None if rank_scale is None else rnd(*(bank if rank_scale == "per" else ()), R, shift=1.0),
-        "out_scale": None if out_scale is None else rnd(*(bank if out_scale == "per" else ()), N, shift=1.0),
-    }
-    kw = make_kw(gen, dev, M, R, G=G, rank_mask=rank_mask)
-    if G is None:
-        kw["scaling"] = 0.75
-    else:
-        kw["adapter_index"][0] = -1  # row 0 takes the base path only
+def make(dev, dt, M, K, N, R, *, G=None, rank_scale=None, out_scale=None, rank_mask=False):
+    """Fresh random inputs (``lorakern.testing.random_problem``); one adapter gets scaling 0.75,
+    a bank sends row 0 to the base only."""
+    t, kw = random_problem(M, K, N, R, G=G, rank_scale=rank_scale, out_scale=out_scale, rank_mask=rank_mask,
+                           scaling=0.75 if G is None else None, device=dev, dtype=dt)
+    if G is not None:
+        kw["adapter_index"][0] = -1
     return t, kw
 
 
-def check(dt, t, kw, *, dropout_p=0.0, seed=11, grads=True):
+def check(t, kw, *, dropout_p=0.0, seed=11, grads=True):
     """The op on the triton backend vs the float64 oracle: y and every gradient; returns them."""
     x = t["x"]
-    M, K = x.shape
-    keep = lorakern.triton.dropout_keep(seed, M, K, dropout_p, x.device) if dropout_p > 0 else None
-    leaves = {k: leaf_copy(v, grads and k in GRAD_ARGS) if v is not None else None for k, v in t.items()}
-    with poisoned():
-        y = lorakern.lora_linear(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_A"], leaves["lora_B"],
-                                 rank_scale=leaves["rank_scale"], out_scale=leaves["out_scale"],
-                                 dropout_p=dropout_p, seed=seed, backend="triton", **kw)
-    refs = {k: v.detach().double().requires_grad_(grads and k in GRAD_ARGS) if v is not None else None
-            for k, v in t.items()}
-    y_ref = reference_lora_linear(refs["x"], refs["weight"], refs["bias"], refs["lora_A"], refs["lora_B"],
-                                  rank_scale=refs["rank_scale"], out_scale=refs["out_scale"], keep=keep,
-                                  dropout_p=dropout_p, **kw)
-    assert y.dtype == x.dtype and y.shape == y_ref.shape
-    e = rel_err(y, y_ref)
-    assert e <= tol(dt), f"y: {e:.2e}"
-    out = {"y": y}
-    if not grads:
-        return out
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(y)
-    names = [k for k in GRAD_ARGS if leaves[k] is not None]
-    with poisoned():
-        got = torch.autograd.grad(y, [leaves[k] for k in names], g)
-    want = torch.autograd.grad(y_ref, [refs[k] for k in names], g.double())
-    for name, a, b in zip(names, got, want):
-        assert a.shape == t[name].shape and a.dtype == t[name].dtype, name
-        e = rel_err(a, b)
-        assert e <= 2 * tol(dt), f"d{name}: {e:.2e}"
-        out["d" + name] = a
-    return out
+    keep = lorakern.triton.dropout_keep(seed, *x.shape, dropout_p, x.device) if dropout_p > 0 else None
+    return check_against_oracle(t, kw, backend="triton", dropout_p=dropout_p, seed=seed, keep=keep, grad_seed=3,
+                                grad_args=GRAD_ARGS if grads else ()).outputs
 
 
 # --------------------------------------------------------------------------- single adapter
@@ -136,7 +90,7 @@ def test_plain(env, override, fuse, p):
     override("fwd", FUSE_Q=fuse)
     override("dx", FUSE_DA=fuse)
     t, kw = make(dev, dt, *shape(dev, (37, 41, 35, 6), (1237, 1000, 777, 13)))
-    check(dt, t, kw, dropout_p=p)
+    check(t, kw, dropout_p=p)
 
 
 @pytest.mark.parametrize("M", [1, 16, 17])
@@ -145,7 +99,7 @@ def test_small_m(env, override, M):
     dev, dt = env
     override("gpass", CUBLAS=True)
     t, kw = make(dev, dt, M, *shape(dev, (24, 19, 4), (4096, 1031, 16)))
-    check(dt, t, kw, dropout_p=0.2)
+    check(t, kw, dropout_p=0.2)
 
 
 def test_all_features(env, override):
@@ -153,7 +107,7 @@ def test_all_features(env, override):
     override("gpass", CUBLAS=True)
     t, kw = make(dev, dt, *shape(dev, (29, 33, 31, 8), (515, 763, 1030, 16)),
                  rank_scale="shared", out_scale="shared", rank_mask=True)
-    out = check(dt, t, kw, dropout_p=0.1)
+    out = check(t, kw, dropout_p=0.1)
     masked = ~kw["rank_mask"]
     assert (out["dlora_A"][masked] == 0).all() and (out["dlora_B"][:, masked] == 0).all()
 
@@ -169,7 +123,7 @@ def test_split_passes(env, override, split):
     override("gpass", SPLIT_N=split, P_APART=split > 1, CUBLAS=False)
     override("dA", SPLIT_M=split)
     t, kw = make(dev, dt, *shape(dev, (40, 34, 48, 5), (777, 520, 1500, 7)), rank_scale="shared", out_scale="shared")
-    check(dt, t, kw)
+    check(t, kw)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
@@ -185,12 +139,12 @@ def test_tma(env, override, monkeypatch, p):
     monkeypatch.setattr(backend, "_descriptors", lambda *tiles: made.append(real(*tiles)) or made[-1])
     M, K, N, R = shape(dev, (37, 48, 40, 6), (1237, 1024, 776, 13))
     t, kw = make(dev, dt, M, K, N, R, rank_scale="shared", out_scale="shared")
-    check(dt, t, kw, dropout_p=p)
+    check(t, kw, dropout_p=p)
     tma = dev == "cpu" or torch.cuda.get_device_capability()[0] >= 9
     assert [d is not None for d in made] == [tma, tma]
     made.clear()
     t["x"] = torch.randn(M, 2 * K).to(device=dev, dtype=dt)[:, ::2]
-    check(dt, t, kw, dropout_p=p)
+    check(t, kw, dropout_p=p)
     assert [d is not None for d in made] == [False, tma]
 
 
@@ -222,7 +176,7 @@ def test_strided_views(env):
     t["rank_scale"] = big(R, 2)[:, 1] + 1.0
     t["out_scale"] = big(N, 3)[:, 0] + 1.0
     assert not t["x"].is_contiguous() and not t["lora_B"].is_contiguous()
-    check(dt, t, kw, dropout_p=0.25)
+    check(t, kw, dropout_p=0.25)
 
 
 # --------------------------------------------------------------------------- banks
@@ -237,10 +191,10 @@ def test_banks(env, monkeypatch, override, scales, sort):
     dev, dt = env
     monkeypatch.setattr(grouping, "SORT_MIN_ROWS", 0 if sort else 1 << 30)
     override("gpass", P_APART=sort)
-    s = None if scales == "none" else scales
+    s = {"none": None, "per": "per_adapter", "shared": "shared"}[scales]
     t, kw = make(dev, dt, *shape(dev, (40, 24, 20, 4), (1000, 520, 600, 16)), G=5,
                  rank_scale=s, out_scale=s, rank_mask=scales == "per")
-    out = check(dt, t, kw, dropout_p=0.2 if sort else 0.0)
+    out = check(t, kw, dropout_p=0.2 if sort else 0.0)
     assert (out["dlora_A"][-1] == 0).all() and (out["dlora_B"][-1] == 0).all(), "adapter with no rows"
 
 
@@ -248,12 +202,12 @@ def test_bank_views(env):
     """A and B as strided slices of bigger banks (VeRA / Tied-LoRA style), read in place."""
     dev, dt = env
     M, K, N, R, G = shape(dev, (23, 20, 18, 4, 3), (500, 384, 520, 8, 4))
-    t, kw = make(dev, dt, M, K, N, R, G=G, out_scale="per")
+    t, kw = make(dev, dt, M, K, N, R, G=G, out_scale="per_adapter")
     gen = torch.Generator().manual_seed(9)
     big = lambda *s: torch.randn(*s, generator=gen).to(device=dev, dtype=dt)  # noqa: E731
     t["lora_A"] = (big(2 * G, 2 * R, K) * K ** -0.5)[::2, 1::2]
     t["lora_B"] = (big(G, R, N) * R ** -0.5).transpose(1, 2)
-    check(dt, t, kw)
+    check(t, kw)
 
 
 def _backend_args(t, kw, dev):
@@ -269,7 +223,7 @@ def test_out_of_range_index_is_base_only(env):
     reads as -1: the row gets the base only, and no memory outside the bank is touched."""
     dev, dt = env
     M, K, N, R, G = shape(dev, (19, 24, 20, 4, 3), (300, 256, 384, 8, 3))
-    t, kw = make(dev, dt, M, K, N, R, G=G, rank_scale="per", out_scale="per")
+    t, kw = make(dev, dt, M, K, N, R, G=G, rank_scale="per_adapter", out_scale="per_adapter")
     bad = kw["adapter_index"].clone()
     bad[1::4] = G + 7
     bad[2::4] = -(2 ** 40)
@@ -281,7 +235,7 @@ def test_out_of_range_index_is_base_only(env):
     y_ref = reference_lora_linear(*(t[k] for k in ("x", "weight", "bias", "lora_A", "lora_B")),
                                   rank_scale=t["rank_scale"], out_scale=t["out_scale"], scaling=kw["scaling"],
                                   adapter_index=clean)
-    assert rel_err(y, y_ref) <= tol(dt)
+    assert rel_err(y, y_ref) <= tolerance("triton", dev, dt)
     assert (q[clean < 0] == 0).all(), "rows without an adapter hold q = 0"
 
 
@@ -289,7 +243,7 @@ def test_needs_frozen(env):
     """Only the gradients asked for come back; each equals the one computed with all needs."""
     dev, dt = env
     M, K, N, R, G = shape(dev, (20, 24, 18, 4, 3), (300, 256, 384, 8, 3))
-    t, kw = make(dev, dt, M, K, N, R, G=G, rank_scale="per", out_scale="per")
+    t, kw = make(dev, dt, M, K, N, R, G=G, rank_scale="per_adapter", out_scale="per_adapter")
     args = _backend_args(t, kw, dev)
     y, q = lorakern.triton.forward(*args)
     g = torch.randn_like(y)
@@ -331,7 +285,7 @@ def test_dropout_keep_is_the_kernels_mask(env):
                                                    None, None, None, p, seed, None)
             finally:
                 configs.OVERRIDE.pop("fwd")
-            assert rel_err(q, q_ref) <= tol(dt), (seed, fuse)
+            assert rel_err(q, q_ref) <= tolerance("triton", dev, dt), (seed, fuse)
     assert not torch.equal(lorakern.triton.dropout_keep(3, M, K, p, dev), lorakern.triton.dropout_keep(4, M, K, p, dev))
 
 
@@ -347,10 +301,18 @@ def test_dropout_stream_depends_on_row_col_and_K_only(env):
 
 
 def test_rejects_float64():
-    x = torch.randn(3, 8, dtype=torch.float64)
+    from lorakern.backends.interface import Operands, Problem
+
+    f64 = dict(dtype=torch.float64)
+    x, W, A, B = torch.randn(3, 8, **f64), torch.randn(4, 8, **f64), torch.randn(2, 8, **f64), torch.randn(4, 2, **f64)
+    assert not lorakern.triton.runs_on(x.device, x.dtype)
+    pb = Problem(M=3, K=8, N=4, R=2, Ra=2, G=1, banked=False, scaling=1.0, dropout_p=0.0, seed=0, deterministic=False)
     with pytest.raises(TypeError, match="x: the triton backend takes"):
-        lorakern.triton.forward(x, torch.randn(4, 8, dtype=torch.float64), None, torch.randn(2, 8, dtype=torch.float64),
-                                torch.randn(4, 2, dtype=torch.float64), 1.0, None, None, None, None, 0.0, 0, None)
+        lorakern.triton.forward(pb, Operands(x, W, None, A, B, *[None] * 8))
+    ok, why = lorakern.triton.available()
+    with pytest.raises(ValueError if ok else RuntimeError,
+                       match="backend: .triton. cannot run torch.float64" if ok else re.escape(why)):
+        lorakern.lora_linear(x, W, None, A, B, backend="triton")
 
 
 def test_available_says_why():

@@ -12,7 +12,9 @@ from lorakern.triton.backend import backward, forward
 from lorakern.triton.configs import interpreting
 from lorakern.triton.dropout import dropout_keep
 
-__all__ = ["available", "forward", "backward", "dropout_keep"]
+__all__ = ["available", "runs_on", "forward", "backward", "dropout_keep"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def available() -> tuple[bool, str]:
@@ -22,3 +24,8 @@ def available() -> tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, "unavailable: no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU)"
     return True, ""
+
+
+def runs_on(device: torch.device, dtype: torch.dtype) -> bool:
+    """CUDA devices, and the CPU under TRITON_INTERPRET=1; float16, bfloat16 and float32."""
+    return dtype in _DTYPES and (device.type == "cuda" or (device.type == "cpu" and interpreting()))

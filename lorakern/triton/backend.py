@@ -20,11 +20,11 @@ from typing import Optional
 import torch
 
 from lorakern import alloc
-from lorakern.reference import base_scale_grad
+from lorakern.backends.interface import Grads, Needs, Operands, Problem, base_scale_grad
 from lorakern.triton import configs
 from lorakern.triton.backward import dA_kernel, dx_kernel, gpass_kernel
 from lorakern.triton.fused_gemm import lora_fwd_kernel
-from lorakern.triton.grouping import sort_rows
+from lorakern.triton.grouping import SORT_MIN_ROWS
 from lorakern.triton.shrink import shrink_kernel
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -73,14 +73,14 @@ class _Adapter:
     perm: Optional[torch.Tensor]
 
     @classmethod
-    def make(cls, A, B, scaling, scaling_g, rank_scale, rank_idx, out_scale, adapter_index):
-        banked = A.dim() == 3
-        Ra = A.shape[-2] if rank_idx is None else rank_idx.shape[0]
-        idx = adapter_index.contiguous() if adapter_index is not None else None
-        return cls(A=A, B=B, banked=banked, G=A.shape[0] if banked else 1, Ra=Ra,
-                   RP=max(16, 1 << (Ra - 1).bit_length()), scaling=float(scaling),
-                   ridx=rank_idx.contiguous() if rank_idx is not None else None, u=rank_scale, v=out_scale,
-                   sg=scaling_g.contiguous() if scaling_g is not None else None, idx=idx, perm=sort_rows(idx))
+    def make(cls, pb: Problem, op: Operands):
+        """From the op's problem; rows are visited in the batch's adapter order when there are
+        enough of them for sorting to pay (SORT_MIN_ROWS)."""
+        c = lambda t: None if t is None else t.contiguous()  # noqa: E731
+        perm = c(op.row_order) if pb.banked and pb.M > SORT_MIN_ROWS else None
+        return cls(A=op.lora_A, B=op.lora_B, banked=pb.banked, G=pb.G, Ra=pb.Ra,
+                   RP=max(16, 1 << (pb.Ra - 1).bit_length()), scaling=pb.scaling, ridx=c(op.rank_idx),
+                   u=op.rank_scale, v=op.out_scale, sg=c(op.scaling_g), idx=c(op.adapter_index), perm=perm)
 
     def ptrs(self, dummy: torch.Tensor) -> dict:
         d = lambda t: dummy if t is None else t  # noqa: E731
@@ -129,14 +129,13 @@ def _launch_opts(cfg: dict, dtype: torch.dtype) -> dict:
                 DOT_PREC="ieee" if dtype == torch.float32 else "tf32")
 
 
-def forward(x, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx, out_scale,
-            dropout_p, seed, adapter_index, base_scale=None, deterministic=False):
+def forward(pb: Problem, op: Operands) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, q) per ARCHITECTURE.md: y [M, N] in x's dtype, q fp32 [M, Ra]."""
+    x, weight, bias, lora_A, lora_B, base_scale = op.x, op.weight, op.bias, op.lora_A, op.lora_B, op.base_scale
     _check(x)
-    M, K = x.shape
-    N = weight.shape[0]
-    ad = _Adapter.make(lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx, out_scale, adapter_index)
-    p = float(dropout_p)
+    M, K, N, seed = pb.M, pb.K, pb.N, pb.seed
+    ad = _Adapter.make(pb, op)
+    p = pb.dropout_p
     y = alloc.empty((M, N), dtype=x.dtype, device=x.device)
     q = alloc.empty((M, ad.Ra), dtype=torch.float32, device=x.device)
     ptrs = ad.ptrs(x)
@@ -225,17 +224,18 @@ def _row_reduce(X, rowv, out, ad: _Adapter, ptrs: dict, flags: dict, p: float, s
         BM=cfg["BM"], BK=cfg["BK"], RP=ad.RP, DROPOUT=p > 0, **flags, **_launch_opts(cfg, X.dtype))
 
 
-def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx, out_scale,
-             dropout_p, seed, adapter_index, base_scale, q, needs, deterministic=False):
-    """(dx, dweight, dbias, dA, dB, drank_scale, dout_scale, dbase_scale); None where ``needs`` says so."""
+def backward(pb: Problem, op: Operands, grad_y: torch.Tensor, q: torch.Tensor, needs: Needs) -> Grads:
+    """Gradients per ARCHITECTURE.md; None where ``needs`` says so."""
+    x, weight, lora_A, lora_B, base_scale = op.x, op.weight, op.lora_A, op.lora_B, op.base_scale
+    rank_scale, out_scale, deterministic = op.rank_scale, op.out_scale, pb.deterministic
     _check(x)
-    n_x, n_w, n_b, n_A, n_B, n_u, n_v, n_c = needs
+    n_x, n_w, n_b, n_A, n_B, n_u, n_v, n_c = (needs.x, needs.weight, needs.bias, needs.lora_A, needs.lora_B,
+                                              needs.rank_scale, needs.out_scale, needs.base_scale)
     g = grad_y
-    M, K = x.shape
-    N = weight.shape[0]
+    M, K, N, seed = pb.M, pb.K, pb.N, pb.seed
     dev = x.device
-    ad = _Adapter.make(lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx, out_scale, adapter_index)
-    p = float(dropout_p)
+    ad = _Adapter.make(pb, op)
+    p = pb.dropout_p
     ptrs = ad.ptrs(x)
     flags = ad.flags()
     sAg, sAr, sAk = ad.A_strides()
@@ -334,4 +334,4 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, 
     dW = torch.mm((g if base_scale is None else g * base_scale).t(), x) if n_w else None
     db = db.to(x.dtype) if db is not None else None
     dc = base_scale_grad(g, x, weight).to(base_scale.dtype) if n_c else None
-    return dx, dW, db, dA, dB, du, dv, dc
+    return Grads(dx, dW, db, dA, dB, du, dv, dc)

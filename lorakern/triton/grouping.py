@@ -7,20 +7,10 @@ An index outside [0, G) reads as -1: the row gets the base only.
 """
 from __future__ import annotations
 
-from typing import Optional
-
-import torch
 import triton
 import triton.language as tl
 
-SORT_MIN_ROWS = 64  # below this every tile is one of a handful: sorting costs more than it saves
-
-
-def sort_rows(adapter_index: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """int64 [M]: the rows in adapter order (device-side argsort), or None when not worth it."""
-    if adapter_index is None or adapter_index.shape[0] <= SORT_MIN_ROWS:
-        return None
-    return torch.argsort(adapter_index, stable=True)
+SORT_MIN_ROWS = 64  # below this every tile is one of a handful: visiting rows in order costs more than it saves
 
 
 @triton.jit

@@ -28,7 +28,7 @@ try:
     from peft import AdaLoraConfig, LoraConfig, PeftConfig, VeraConfig
     from safetensors.torch import save_file
 except ImportError as e:  # pragma: no cover - peft is an optional dependency
-    raise ImportError("lorakern.methods.export needs the peft package (pip install peft)") from e
+    raise ImportError("lorakern.peft.export needs the peft package (pip install peft)") from e
 
 __all__ = ["save_peft"]
 

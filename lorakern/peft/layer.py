@@ -32,6 +32,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from lorakern.batch import AdapterBatch
 from lorakern.ops import lora_linear
 
 try:
@@ -44,7 +45,7 @@ try:
 except ImportError:  # pragma: no cover - transformers is optional
     Conv1D = None
 
-__all__ = ["patch", "unpatch", "enable", "disable", "is_enabled"]
+__all__ = ["patch", "unpatch", "enable", "disable", "is_enabled", "AdapterNames"]
 
 logger = logging.getLogger(__name__)
 
@@ -175,26 +176,42 @@ def _fused(layer: PeftLoraLinear, x: torch.Tensor, args: tuple, kwargs: dict) ->
     return lora_linear(x, weight, bias, A, B, rank_scale=u), ""
 
 
-_INDEX_CACHE: dict = {}
+class AdapterNames(list):
+    """PEFT's ``adapter_names`` of one forward call, with the :class:`AdapterBatch` its layers share.
+
+    ``patch(model)`` puts a forward pre-hook on the model that wraps the list the caller passed,
+    so the first fused layer builds the batch (one host read of the index on a GPU) and every
+    other layer of that call reuses it. Without the wrapper (``enable()``, ``generate``), each
+    layer builds its own.
+    """
+
+    __slots__ = ("batches",)
+
+    def __init__(self, names) -> None:
+        super().__init__(names)
+        self.batches: dict = {}  # (adapters of the layer, rows per sample, device) -> AdapterBatch
 
 
-def _row_index(adapter_names, names, rows_per_sample: int, device: torch.device) -> torch.Tensor:
-    """adapter_index [samples * rows_per_sample]: each sample's position in ``names`` (-1: none).
+def _wrap_adapter_names(module: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook of a patched model: its ``adapter_names`` list becomes an ``AdapterNames``."""
+    names = kwargs.get("adapter_names")
+    if type(names) is list:
+        return args, {**kwargs, "adapter_names": AdapterNames(names)}
+    return None
 
-    One tensor per (adapter_names, names, rows, device), shared by every layer and call: its values
-    are read (a host sync on a GPU) once, not once per layer. Made outside inference mode, so it
-    keeps the version counter the op's range check keys on, and never written after."""
-    key = (tuple(adapter_names), tuple(names), rows_per_sample, device)
-    index = _INDEX_CACHE.get(key)
-    if index is None:
-        pos = {n: i for i, n in enumerate(names)}
-        with torch.inference_mode(False):
-            per_sample = torch.tensor([pos.get(n, -1) for n in adapter_names], device=device)
-            index = per_sample.repeat_interleave(rows_per_sample)
-        if len(_INDEX_CACHE) > 256:
-            _INDEX_CACHE.clear()
-        _INDEX_CACHE[key] = index
-    return index
+
+def _adapter_batch(adapter_names, names, rows_per_sample: int, device: torch.device) -> AdapterBatch:
+    """Each sample's position in ``names`` (-1: none), one per row, prepared once per forward call."""
+    key = (tuple(names), rows_per_sample, device)
+    batches = getattr(adapter_names, "batches", None)
+    if batches is not None and key in batches:
+        return batches[key]
+    pos = {n: i for i, n in enumerate(names)}
+    per_sample = torch.tensor([pos.get(n, -1) for n in adapter_names], device=device)
+    batch = AdapterBatch(per_sample.repeat_interleave(rows_per_sample), num_adapters=len(names))
+    if batches is not None:
+        batches[key] = batch
+    return batch
 
 
 def _mixed_batch(x, weight, bias, names, As, Bs, scalings, ps, adapter_names) -> tuple[Optional[torch.Tensor], str]:
@@ -206,9 +223,9 @@ def _mixed_batch(x, weight, bias, names, As, Bs, scalings, ps, adapter_names) ->
         [t, t.new_zeros(*t.shape[:dim], R - t.shape[dim], *t.shape[dim + 1:])], dim=dim)
     A = torch.stack([pad(a, 0) for a in As])
     B = torch.stack([pad(b, 1) for b in Bs])
-    index = _row_index(adapter_names, names, math.prod(x.shape[1:-1]), x.device)
+    batch = _adapter_batch(adapter_names, names, math.prod(x.shape[1:-1]), x.device)
     s = torch.tensor(scalings, device=x.device, dtype=torch.float32)
-    return lora_linear(x, weight, bias, A, B, scaling=s, dropout_p=ps[0], adapter_index=index), ""
+    return lora_linear(x, weight, bias, A, B, scaling=s, dropout_p=ps[0], adapter_index=batch), ""
 
 
 def _forward(self: PeftLoraLinear, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -250,6 +267,8 @@ def patch(model: nn.Module) -> int:
         if not _is_patched(m):
             m.forward = functools.partial(_forward, m)  # unlike a bound method, it pickles and deep-copies
         count += 1
+    if count and _wrap_adapter_names not in model._forward_pre_hooks.values():
+        model.register_forward_pre_hook(_wrap_adapter_names, with_kwargs=True)
     return count
 
 
@@ -265,6 +284,9 @@ def unpatch(model: nn.Module) -> int:
         if _is_patched(m):
             del m.forward
             count += 1
+    for key in [k for k, hook in model._forward_pre_hooks.items() if hook is _wrap_adapter_names]:
+        del model._forward_pre_hooks[key]
+        model._forward_pre_hooks_with_kwargs.pop(key, None)
     return count
 
 

@@ -1,0 +1,14 @@
+"""PEFT integration: PEFT's LoRA layers run through the fused op, and lorakern's methods save as PEFT checkpoints.
+
+``layer`` replaces the forward of PEFT's LoRA ``Linear`` (``patch`` / ``unpatch`` one model,
+``enable`` / ``disable`` every layer of the process); ``export`` writes a lorakern method's
+adapters as a checkpoint ``peft.PeftModel.from_pretrained`` loads.
+
+>>> import lorakern.peft
+>>> lorakern.peft.patch(peft_model)  # doctest: +SKIP
+28
+"""
+from lorakern.peft.export import save_peft
+from lorakern.peft.layer import disable, enable, is_enabled, patch, unpatch
+
+__all__ = ["patch", "unpatch", "enable", "disable", "is_enabled", "save_peft"]
