@@ -148,21 +148,22 @@ def _scale_vector(draw, kind: Scale, bank: tuple, n: int, shift: float) -> Optio
 def random_problem(M: int, K: int, N: int, R: int, *, G: Optional[int] = None, bias: bool = True,
                    rank_scale: Scale = None, out_scale: Scale = None, base_scale: bool = False,
                    rank_mask: Scale = None, scaling: Optional[float] = None, idle_adapter: bool = True,
-                   lead: Sequence[int] = (), seed: int = 0, device: Union[str, torch.device] = "cpu",
-                   dtype: torch.dtype = torch.float32) -> tuple[dict, dict]:
+                   lead: Sequence[int] = (), layouts: Optional[dict] = None, seed: int = 0,
+                   device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32) -> tuple[dict, dict]:
     """Fresh random inputs for the op, never zeros, scaled so outputs are O(1); ``(t, kw)``.
 
     ``t``: ``x [*lead, M, K]``, ``weight [N, K]``, ``bias [N]`` (or None), ``lora_A [R, K]`` /
     ``[G, R, K]``, ``lora_B [N, R]`` / ``[G, N, R]``, ``rank_scale`` and ``out_scale`` (1 + noise;
     None, one per adapter ``[G, R]`` / ``[G, N]`` for True or "per_adapter", or "shared" ``[R]`` /
-    ``[N]``), ``base_scale [N]`` (1 + noise, or None); all in ``dtype`` on ``device``.
+    ``[N]``), ``base_scale [N]`` (1 + noise, or None); all in ``dtype`` on ``device``. ``layouts``
+    (``{name: layout}``) stores those inputs non-contiguous, ``strided_copy(t[name], layout)``.
 
     ``kw``: ``rank_mask`` (bool, rank 0 on and the last off, per adapter or shared like the scales);
     for a bank of G adapters ``adapter_index`` int64 ``[M]`` in [-1, G) (-1: the base only; with
     ``idle_adapter`` adapter G - 1 gets no rows) and ``scaling`` float32 ``[G]`` in [0.5, 1.5);
     ``scaling`` given: that float instead (for one adapter too). Everything is drawn on the CPU
     from ``torch.Generator().manual_seed(seed)`` in this order. Raises ValueError for an unknown
-    scale or mask kind.
+    scale or mask kind, or layout.
 
     >>> t, kw = random_problem(5, 16, 12, 4, G=3, rank_mask="shared", dtype=torch.float16)
     >>> t["lora_A"].shape, t["x"].dtype, kw["rank_mask"].shape, kw["adapter_index"].shape
@@ -181,6 +182,7 @@ def random_problem(M: int, K: int, N: int, R: int, *, G: Optional[int] = None, b
         "out_scale": _scale_vector(draw, out_scale, bank, N, 1.0),
         "base_scale": draw(N) + 1.0 if base_scale else None,
     }
+    t.update({k: strided_copy(t[k], layout) for k, layout in (layouts or {}).items()})
     kw = {}
     mask = _scale_vector(lambda *s: torch.rand(*s, generator=gen), rank_mask, bank, R, 0.0)
     if mask is not None:

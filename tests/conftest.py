@@ -1,4 +1,4 @@
-"""Shared test fixtures: the (backend, device, dtype) cases each tier runs.
+"""Shared test fixtures: the (backend, device, dtype) cases each tier runs, and the tiny Llama.
 
 Tiers (markers): default = the torch backend on CPU; ``interpret`` = the triton backend on CPU
 under TRITON_INTERPRET=1 (fp32, fp16); ``gpu`` = every backend on CUDA in bf16, fp16 and fp32.
@@ -12,18 +12,28 @@ import pytest
 import torch
 
 from lorakern.ops import backend_status
+from lorakern.testing import tolerance
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# relative-error bounds of DESIGN.md section 5
-TOL = {
-    ("torch", torch.float64): 1e-10,
-    ("torch", torch.float32): 1e-5,
-    ("tf32", torch.float32): 5e-4,
-    ("any", torch.float16): 1e-2,
-    ("any", torch.bfloat16): 1e-2,
-}
+# the tiny Llama the PEFT and methods tests build from a config (no downloads)
+TINY_LLAMA = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2)
+
+
+def tiny_llama(seed: int = 0, **config):
+    """A ``LlamaForCausalLM`` of ``TINY_LLAMA`` updated by ``config``, fp32 on the CPU, its weights
+    drawn after ``torch.manual_seed(seed)``. Needs transformers (the calling test module
+    importorskips it).
+
+    >>> tiny_llama(hidden_size=48).config.hidden_size  # doctest: +SKIP
+    48
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **config}))
 
 
 @dataclass(frozen=True)
@@ -34,11 +44,8 @@ class Case:
 
     @property
     def tol(self) -> float:
-        if self.dtype in (torch.float16, torch.bfloat16):
-            return TOL[("any", self.dtype)]
-        if self.backend == "torch" and self.device == "cpu":
-            return TOL[("torch", self.dtype)]
-        return TOL[("tf32", torch.float32)] if self.dtype == torch.float32 else 1e-10
+        """The forward's bound (DESIGN.md section 5); gradients get ``GRAD_FACTOR`` times it."""
+        return tolerance(self.backend, self.device, self.dtype)
 
     def __str__(self) -> str:
         return f"{self.backend}-{self.device}-{str(self.dtype)[6:]}"

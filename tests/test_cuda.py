@@ -21,9 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import lorakern
 from lorakern import cuda
-from lorakern.reference import reference_lora_linear
+from lorakern.testing import GRAD_ARGS, check_against_oracle, random_problem
 
 ROOT = Path(__file__).resolve().parent.parent
 HAS_NVCC = cuda._nvcc() is not None and torch.version.cuda is not None
@@ -260,56 +259,32 @@ def test_host_philox_matches_triton_interpreter(host_philox):
 # --------------------------------------------------------------------------- every path (gpu)
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 5e-4}
+SEED = 1234  # the dropout seed
+STRIDED = dict(x="columns", weight="columns", lora_A="columns", lora_B="column_major")
 
 
-def _rel(out, ref):
-    assert not torch.isnan(out).any(), "NaN in output"
-    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-def _strided(t, step=2):
-    """The same values as a non-contiguous view (every other column of a wider tensor)."""
-    wide = torch.empty(*t.shape[:-1], t.shape[-1] * step, device=t.device, dtype=t.dtype)
-    wide[..., ::step] = t
-    return wide[..., ::step]
-
-
-def _problem(M, K, N, R, G, dt, *, bias, u, mask, v, sg, strided, dropout, seed=1234, gen=None):
-    dev = "cuda"
-    rnd = lambda *s: torch.randn(*s, device=dev, dtype=dt, generator=gen)  # noqa: E731
-    x = rnd(M, K)
-    W = rnd(N, K) / K**0.5
-    b = rnd(N) if bias else None
-    banked = G > 0
-    A = rnd(*((G,) if banked else ()), R, K) / K**0.5
-    B = rnd(*((G,) if banked else ()), N, R)
-    if strided:
-        x, W, A = _strided(x), _strided(W), _strided(A)
-        B = B.transpose(-1, -2).contiguous().transpose(-1, -2)  # column-major B
-    lead = (G,) if banked and u == "g" else ()
-    rank_scale = rnd(*lead, R) if u else None
-    rank_mask = (torch.rand(*lead, R, device=dev, generator=gen) > 0.4) if mask else None
-    if rank_mask is not None:
-        rank_mask.view(-1)[0] = True
-    out_scale = rnd(*((G,) if banked and v == "g" else ()), N) if v else None
-    scaling = torch.rand(G, device=dev, generator=gen) + 0.5 if (banked and sg) else 0.7
-    ai = torch.randint(-1, G, (M,), device=dev, generator=gen) if banked else None
-    return dict(x=x, W=W, b=b, A=A, B=B, scaling=scaling, rank_scale=rank_scale, rank_mask=rank_mask,
-                out_scale=out_scale, dropout_p=dropout, seed=seed, adapter_index=ai)
+def _problem(M, K, N, R, G, dt, *, bias=False, strided=False, per_adapter_scaling=False, seed=0, **scales):
+    """``lorakern.testing.random_problem`` on the GPU (G = 0: one adapter; a bank's adapters all get
+    rows) with scaling 0.7 unless ``per_adapter_scaling``; ``strided``: x, W and A every other column
+    of a wider tensor, B column-major."""
+    return random_problem(M, K, N, R, G=G or None, bias=bias, idle_adapter=False,
+                          scaling=None if per_adapter_scaling else 0.7, layouts=STRIDED if strided else None,
+                          seed=seed, device="cuda", dtype=dt, **scales)
 
 
 CONFIGS = [
     # M, K, N, R, G, options
     (1, 64, 48, 8, 0, {}),
-    (7, 131, 97, 5, 0, dict(bias=True, u="1", v="1")),
-    (16, 256, 130, 16, 0, dict(dropout=0.25, mask=True)),
-    (67, 200, 77, 20, 0, dict(bias=True, u="1", mask=True, v="1", dropout=0.1)),
-    (130, 96, 257, 3, 0, dict(strided=True, bias=True, v="1", dropout=0.3)),
-    (3, 72, 40, 6, 3, dict(u="g", v="g", sg=True)),
-    (13, 136, 61, 9, 4, dict(bias=True, u="1", v="1", mask=True, dropout=0.2)),
-    (97, 80, 33, 17, 5, dict(u="g", v="g", sg=True, mask=True, dropout=0.15)),
-    (300, 128, 64, 8, 2, dict(strided=True, bias=True, v="g", u="g", dropout=0.1)),
+    (7, 131, 97, 5, 0, dict(bias=True, rank_scale="shared", out_scale="shared")),
+    (16, 256, 130, 16, 0, dict(dropout=0.25, rank_mask="shared")),
+    (67, 200, 77, 20, 0, dict(bias=True, rank_scale="shared", rank_mask="shared", out_scale="shared", dropout=0.1)),
+    (130, 96, 257, 3, 0, dict(strided=True, bias=True, out_scale="shared", dropout=0.3)),
+    (3, 72, 40, 6, 3, dict(rank_scale="per_adapter", out_scale="per_adapter", per_adapter_scaling=True)),
+    (13, 136, 61, 9, 4, dict(bias=True, rank_scale="shared", out_scale="shared", rank_mask="shared", dropout=0.2)),
+    (97, 80, 33, 17, 5, dict(rank_scale="per_adapter", out_scale="per_adapter", per_adapter_scaling=True,
+                             rank_mask="per_adapter", dropout=0.15)),
+    (300, 128, 64, 8, 2, dict(strided=True, bias=True, out_scale="per_adapter", rank_scale="per_adapter",
+                              dropout=0.1)),
 ]
 
 
@@ -317,43 +292,25 @@ CONFIGS = [
 @pytest.mark.parametrize("dt", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"M{c[0]}K{c[1]}N{c[2]}R{c[3]}G{c[4]}")
 def test_forward_and_every_gradient(ops, cfg, dt):
+    """y and the gradients of every input, the base weight's too, against the float64 oracle."""
     M, K, N, R, G, opt = cfg
-    opts = dict(bias=False, u=None, mask=False, v=None, sg=False, strided=False, dropout=0.0)
-    opts.update(opt)
-    gen = torch.Generator(device="cuda").manual_seed(zlib.crc32(repr(cfg).encode()))
-    P = _problem(M, K, N, R, G, dt, gen=gen, **opts)
-    leaves = {k: P[k] for k in ("x", "W", "b", "A", "B", "rank_scale", "out_scale") if P[k] is not None}
-    for t in leaves.values():
-        t.requires_grad_(True)
-    kw = dict(scaling=P["scaling"], rank_scale=P["rank_scale"], rank_mask=P["rank_mask"], out_scale=P["out_scale"],
-              dropout_p=P["dropout_p"], adapter_index=P["adapter_index"])
-    y = lorakern.lora_linear(P["x"], P["W"], P["b"], P["A"], P["B"], seed=P["seed"], backend="cuda", **kw)
-    keep = cuda.dropout_keep(P["seed"], M, K, P["dropout_p"], "cuda") if P["dropout_p"] > 0 else None
-    d64 = {k: t.detach().double().requires_grad_(True) for k, t in leaves.items()}
-    kw64 = dict(kw, rank_scale=d64.get("rank_scale"), out_scale=d64.get("out_scale"))
-    kw64.pop("dropout_p")
-    ref = reference_lora_linear(d64["x"], d64["W"], d64.get("b"), d64["A"], d64["B"], keep=keep,
-                                dropout_p=P["dropout_p"], **kw64)
-    assert y.dtype == dt and y.shape == (M, N)
-    assert _rel(y, ref.detach()) <= TOL[dt], "forward"
-    gy = torch.randn(M, N, device="cuda", dtype=dt, generator=gen)
-    grads = torch.autograd.grad(y, list(leaves.values()), gy)
-    refs = torch.autograd.grad(ref, list(d64.values()), gy.double())
-    for name, g, r in zip(leaves, grads, refs):
-        assert g.shape == leaves[name].shape, name
-        assert _rel(g, r) <= 2 * TOL[dt], f"d{name}: {_rel(g, r):.2e}"
+    opt = dict(opt)
+    p = opt.pop("dropout", 0.0)
+    t, kw = _problem(M, K, N, R, G, dt, seed=zlib.crc32(repr(cfg).encode()), **opt)
+    keep = cuda.dropout_keep(SEED, M, K, p, "cuda") if p > 0 else None
+    check_against_oracle(t, kw, backend="cuda", dropout_p=p, seed=SEED, keep=keep, grad_args=("weight",) + GRAD_ARGS)
 
 
 @pytest.mark.gpu
 def test_kernels_write_every_element(ops):
     """Outputs poisoned with NaN before the kernels run: the decode, expand and shrink paths write everything."""
     for M in (1, 9, 16, 17, 200):
-        P = _problem(M, 136, 75, 11, 3, torch.bfloat16, bias=True, u="g", mask=False, v="g", sg=True,
-                     strided=False, dropout=0.1)
+        t, kw = _problem(M, 136, 75, 11, 3, torch.bfloat16, bias=True, rank_scale="per_adapter",
+                         out_scale="per_adapter", per_adapter_scaling=True)
         poison = torch.full((8 * M * 75 + 4096,), float("nan"), device="cuda", dtype=torch.bfloat16)
         del poison  # the caching allocator hands these NaN-filled blocks to the outputs
-        y, q = ops.forward(P["x"], P["W"], P["b"], P["A"], P["B"], 1.0, P["scaling"], P["rank_scale"], None,
-                           P["out_scale"], 0.1, 5, P["adapter_index"], None, False)
+        y, q = ops.forward(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], 1.0, kw["scaling"],
+                           t["rank_scale"], None, t["out_scale"], 0.1, 5, kw["adapter_index"], None, False)
         assert not torch.isnan(y).any() and not torch.isnan(q).any(), M
 
 
@@ -368,9 +325,8 @@ def test_keep_mask_matches_host_philox_and_rate(ops, host_philox):
 
 @pytest.mark.gpu
 def test_frozen_inputs_get_nothing(ops):
-    P = _problem(40, 64, 32, 4, 0, torch.float16, bias=True, u="1", mask=False, v="1", sg=False, strided=False,
-                 dropout=0.0)
-    grads = ops.backward(torch.randn(40, 32, device="cuda", dtype=torch.float16), P["x"], P["W"], P["A"], P["B"],
-                         0.7, None, P["rank_scale"], None, P["out_scale"], 0.0, 0, None, None,
+    t, _ = _problem(40, 64, 32, 4, 0, torch.float16, bias=True, rank_scale="shared", out_scale="shared")
+    grads = ops.backward(torch.randn(40, 32, device="cuda", dtype=torch.float16), t["x"], t["weight"], t["lora_A"],
+                         t["lora_B"], 0.7, None, t["rank_scale"], None, t["out_scale"], 0.0, 0, None, None,
                          torch.randn(40, 4, device="cuda"), [0, 0, 0, 1, 0, 0, 0, 0], False)
     assert [g.numel() == 0 for g in grads] == [True, True, True, False, True, True, True, True]

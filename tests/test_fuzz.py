@@ -6,11 +6,14 @@ are kept below as explicit ``@example``s.
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
+from lorakern.testing import randn, randn_view
 from test_op import run_and_check
 
 SPEC = st.fixed_dictionaries({
@@ -36,18 +39,14 @@ def build(case, spec):
     g = torch.Generator().manual_seed(spec["seed"] % 10_000)
     M, K, N, R, G = spec["M"], spec["K"], spec["N"], spec["R"], spec["G"]
     dev, dt = case.device, case.dtype
-
-    def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(device=dev, dtype=dt)
+    rnd = functools.partial(randn, g, device=dev, dtype=dt)
+    view = functools.partial(randn_view, g, device=dev, dtype=dt)
 
     bank = () if G is None else (G,)
-    if spec["strided_x"]:
-        x = rnd(K, 2 * M + 1).T[1::2]  # [M, K] with strides (2, 2M+1)
-    else:
-        x = rnd(M, K)
+    x = view(M, K, layout="transposed") if spec["strided_x"] else rnd(M, K)
     if spec["strided_bank"]:
-        A = rnd(*bank, R + 2, K + 3, scale=K ** -0.5)[..., 1:R + 1, 2:K + 2]
-        B = rnd(*bank, N + 1, 2 * R, scale=R ** -0.5)[..., 1:, ::2]
+        A = view(*bank, R, K, layout="window", scale=K ** -0.5)
+        B = view(*bank, N, R, layout="columns", scale=R ** -0.5)
     else:
         A, B = rnd(*bank, R, K, scale=K ** -0.5), rnd(*bank, N, R, scale=R ** -0.5)
 
