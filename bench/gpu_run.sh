@@ -2,75 +2,141 @@
 # The GPU run, from the repository root of a GPU machine whose system python3 already has torch,
 # triton, peft, pytest and matplotlib (no venv, no installs):
 #
-#   bash bench/gpu_run.sh                 # tests, then bench; files under $OUT (default ./out)
-#   bash bench/gpu_run.sh tests           # only the gpu test tier (+ compute-sanitizer)
+#   bash bench/gpu_run.sh quick           # <= 10 minutes: the gpu tier of the default paths (op tests,
+#                                         # torch and triton), then the training and decode shapes
+#                                         # (M 1, 16, 2048, 8192; K,N 4096x4096, 4096x14336; r 16; p 0, 0.1;
+#                                         # fwd, fwd+bwd; bf16) for base, peft, addmm, lorakern-auto and every
+#                                         # backend: $RESULTS/<gpu>.json and the table with its targets
+#   bash bench/gpu_run.sh quick-dry       # the same path on CPU with tiny shapes (CI; no build, no GPU)
+#   bash bench/gpu_run.sh                 # the whole gpu tier (+ compute-sanitizer), then `bench --quick`
+#   bash bench/gpu_run.sh tests           # only the whole gpu tier
 #   bash bench/gpu_run.sh bench           # only `lorakern bench --quick`
 #   bash bench/gpu_run.sh tune            # where eager host time goes (bench/host_profile.py), then the
-#                                         # M = 8192 kernel breakdown and configuration sweep
-#                                         # (bench/triton_tune.py --sweep-only: TMA on / off first)
-#   LORAKERN_COMMIT=<sha> bash bench/gpu_run.sh   # where the copy carries no .git
+#                                         # M = 8192 kernel breakdown and every candidate launch plan
+#                                         # (python3 -m bench.triton_tune --sweep-only --json $OUT/tune-<gpu>.json;
+#                                         # bench/make_autotable.py --tune turns it into launchplans.json)
+#   LORAKERN_COMMIT=<sha> bash bench/gpu_run.sh quick   # where the copy carries no .git
 #
-# The gpu tier runs as parallel pytest shards (compiling the kernels is the slow part of a cold
-# machine, and it is CPU-bound), each with its own log; the sanitizer runs the cuda backend's
-# kernel tests under memcheck. The benchmark runs alone on the GPU afterwards.
+# Files go under $OUT (default ./out); quick's results to $RESULTS (default bench/results). $PYTHON
+# (default python3) runs everything. The gpu tier runs as parallel pytest shards (compiling the
+# kernels is the slow, CPU-bound part on a cold machine), each with its own log, while the CUDA
+# extension builds; the benchmark runs alone on the GPU afterwards. Exit status 1 when a test, the
+# build or a benchmark gate failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
+RESULTS=${RESULTS:-$PWD/bench/results}
+PY=${PYTHON:-python3}
 WHAT=${1:-all}
-SHARD_TIMEOUT=${SHARD_TIMEOUT:-480}
-mkdir -p "$OUT"
+mkdir -p "$OUT" "$RESULTS"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-
-slug='import torch; from lorakern.benchmark import device_slug; print(device_slug(torch.device("cuda")))'
-GPU=$(python3 -c "$slug") || { echo "gpu_run: no CUDA device visible to python3's torch" >&2; exit 2; }
-nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
-python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'
-echo "commit ${LORAKERN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}"
 rc=0
 
-if [ "$WHAT" != bench ]; then
-    t0=$(date +%s)
-    python3 -m lorakern.cuda build >"$OUT/cuda-build.log" 2>&1 || { tail -20 "$OUT/cuda-build.log"; rc=1; }
-    echo "== cuda build $(( $(date +%s) - t0 )) s; gpu tier in shards (timeout ${SHARD_TIMEOUT} s each)"
-    # a fixed hypothesis seed, so that a failure the fuzz finds on a GPU is drawn again by the next run
-    P="timeout $SHARD_TIMEOUT python3 -m pytest -q -p no:cacheprovider -m gpu --hypothesis-seed=0"
-    declare -A SHARDS=(
-        [op-bf16]="tests/test_op.py -k bfloat16" [op-fp16]="tests/test_op.py -k 'float16 and not bfloat16'"
-        [op-fp32]="tests/test_op.py -k float32" [robustness]="tests/test_robustness.py"
-        [triton-bf16]="tests/test_triton.py -k bfloat16"
-        [triton-fp16]="tests/test_triton.py -k 'float16 and not bfloat16'"
-        [triton-fp32]="tests/test_triton.py -k float32" [cuda]="tests/test_cuda.py" [fuzz-torch]="tests/test_fuzz.py -k torch"
-        [fuzz-triton]="tests/test_fuzz.py -k triton" [fuzz-cuda]="tests/test_fuzz.py -k 'not torch and not triton'"
-    )
-    for s in "${!SHARDS[@]}"; do ( eval "$P ${SHARDS[$s]}" >"$OUT/pytest-$s.log" 2>&1; echo $? >"$OUT/rc-$s" ) & done
-    timeout "$SHARD_TIMEOUT" compute-sanitizer --tool memcheck --target-processes all --print-limit 20 \
-        python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda.py -k "write_every or frozen or gradient" \
-        >"$OUT/sanitizer.log" 2>&1 &
-    wait
+case "$WHAT" in
+    quick-dry) DEVICE=cpu; SHARD_TIMEOUT=${SHARD_TIMEOUT:-120} ;;
+    quick) DEVICE=cuda; SHARD_TIMEOUT=${SHARD_TIMEOUT:-240} ;;
+    all|tests|bench|tune) DEVICE=cuda; SHARD_TIMEOUT=${SHARD_TIMEOUT:-480} ;;
+    *) echo "gpu_run: unknown stage '$WHAT' (quick, quick-dry, all, tests, bench, tune)" >&2; exit 2 ;;
+esac
+GPU=$($PY -c "import torch; from lorakern.benchmark import device_slug; print(device_slug(torch.device('$DEVICE')))") \
+    && { [ "$DEVICE" = cpu ] || $PY -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; } \
+    || { echo "gpu_run: no CUDA device visible to $PY's torch" >&2; exit 2; }
+[ "$DEVICE" = cpu ] || nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
+$PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
+echo "device $GPU, commit ${LORAKERN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}"
+
+# the CUDA extension, built in the background: wait_build waits for it and reports
+start_build() {
+    if [ "$DEVICE" = cpu ]; then echo "== dry run: no CUDA build"; return; fi
+    ( $PY -m lorakern.cuda build >"$OUT/cuda-build.log" 2>&1; echo $? >"$OUT/rc-build" ) &
+    BUILD_PID=$!
+}
+wait_build() {
+    [ "$DEVICE" = cpu ] && return
+    wait "$BUILD_PID"
+    if [ "$(cat "$OUT/rc-build")" -ne 0 ]; then echo "== cuda build FAILED:"; tail -20 "$OUT/cuda-build.log"; rc=1
+    else echo "== cuda build ok"; fi
+}
+
+# pytest shards in parallel: run_shards NAME=SELECTION ...; a shard passes with rc 0 or 5 (none collected)
+run_shards() {
+    local t0=$(date +%s) s
+    local P="timeout $SHARD_TIMEOUT $PY -m pytest -q -p no:cacheprovider -m gpu --hypothesis-seed=0"
+    declare -A SHARDS=()
+    for s in "$@"; do SHARDS[${s%%=*}]=${s#*=}; done
+    echo "== gpu tier in ${#SHARDS[@]} shards (timeout ${SHARD_TIMEOUT} s each)"
+    local pids=()
     for s in "${!SHARDS[@]}"; do
-        src=$(cat "$OUT/rc-$s")  # pytest: 0 passed, 5 none collected; 124 timed out
-        printf '%-11s rc=%-3s %s\n' "$s" "$src" "$(tail -n 1 "$OUT/pytest-$s.log")"
+        ( eval "$P ${SHARDS[$s]}" >"$OUT/pytest-$s.log" 2>&1; echo $? >"$OUT/rc-$s" ) &
+        pids+=($!)
+    done
+    wait "${pids[@]}"
+    for s in "${!SHARDS[@]}"; do
+        local src=$(cat "$OUT/rc-$s")  # pytest: 0 passed, 5 none collected; 124 timed out
+        printf '%-12s rc=%-3s %s\n' "$s" "$src" "$(tail -n 1 "$OUT/pytest-$s.log")"
         grep -E '^(FAILED|ERROR) ' "$OUT/pytest-$s.log" | head -5
         [ "$src" -eq 0 ] || [ "$src" -eq 5 ] || rc=1
     done
-    printf '%-11s %s\n' sanitizer "$(grep -E 'passed|failed' "$OUT/sanitizer.log" | tail -n 1) $(grep 'ERROR SUMMARY' "$OUT/sanitizer.log" | tail -n 1)"
-    grep -q "ERROR SUMMARY: 0 errors" "$OUT/sanitizer.log" || rc=1
-    echo "== gpu tier $(( $(date +%s) - t0 )) s, rc=$rc"
-fi
+    echo "== gpu tier $(( $(date +%s) - t0 )) s"
+}
 
-if [ "$WHAT" = tune ]; then
+# lorakern bench with the given flags into $2 (json), then its table (targets marked, gates checked)
+run_bench() {
+    local json=$1; shift
+    echo "== lorakern bench $* ($GPU)"
+    $PY -m lorakern.cli bench --device "$DEVICE" --json "$json" "$@" >"$OUT/bench-$GPU.log" 2>&1
+    local brc=$?
+    if [ -f "$json" ]; then $PY -m lorakern.cli bench --show "$json"; else tail -n 60 "$OUT/bench-$GPU.log"; fi
+    [ "$brc" -eq 0 ] || rc=1
+}
+
+OP_SHARDS=("op-triton-bf16=tests/test_op.py -k 'triton and bfloat16'"
+           "op-triton-fp=tests/test_op.py -k 'triton and not bfloat16'" "op-torch=tests/test_op.py -k torch")
+TRAIN="--modes fwd,fwdbwd --variants plain --dropout 0,0.1 --r 16"
+
+case "$WHAT" in
+quick)
+    start_build
+    run_shards "${OP_SHARDS[@]}"
+    wait_build
+    run_bench "$RESULTS/$GPU.json" --quick $TRAIN --plot "$OUT/$GPU.png"
+    ;;
+quick-dry)
+    start_build
+    run_shards "${OP_SHARDS[@]}"
+    wait_build
+    run_bench "$RESULTS/$GPU.json" --M 1,16,64 --KN 64x64,64x224 $TRAIN --cpu-budget-s 0.05
+    ;;
+tune)
     echo "== eager host time per call ($GPU)"
-    timeout 120 python3 bench/host_profile.py 2>&1 | tee "$OUT/host-$GPU.log" | head -n 45
-    echo "== triton kernel breakdown and configuration sweep at M = 8192 ($GPU)"
-    timeout "$SHARD_TIMEOUT" python3 bench/triton_tune.py --sweep-only 2>&1 | tee "$OUT/tune-$GPU.log"
-    exit "${PIPESTATUS[0]}"
-fi
-
-if [ "$WHAT" != tests ]; then
-    echo "== lorakern bench --quick ($GPU)"
-    python3 -m lorakern.cli bench --quick --json "$OUT/$GPU.json" --plot "$OUT/$GPU.png" >"$OUT/bench-$GPU.log" 2>&1
-    bench_rc=$?
-    if [ "$bench_rc" -eq 0 ]; then python3 -m lorakern.cli bench --show "$OUT/$GPU.json"; else tail -n 60 "$OUT/bench-$GPU.log"; rc=1; fi
-fi
+    timeout 120 $PY bench/host_profile.py 2>&1 | tee "$OUT/host-$GPU.log" | head -n 45
+    echo "== triton kernel breakdown and launch-plan sweep at M = 8192 ($GPU)"
+    timeout "$SHARD_TIMEOUT" $PY -m bench.triton_tune --sweep-only --json "$OUT/tune-$GPU.json" 2>&1 \
+        | tee "$OUT/tune-$GPU.log"
+    rc=${PIPESTATUS[0]}
+    ;;
+all|tests|bench)
+    if [ "$WHAT" != bench ]; then
+        start_build
+        wait_build  # the cuda shard and the sanitizer need it
+        timeout "$SHARD_TIMEOUT" compute-sanitizer --tool memcheck --target-processes all --print-limit 20 \
+            $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda.py -k "write_every or frozen or gradient" \
+            >"$OUT/sanitizer.log" 2>&1 &
+        SANITIZER_PID=$!
+        run_shards "op-bf16=tests/test_op.py -k bfloat16" "op-fp16=tests/test_op.py -k 'float16 and not bfloat16'" \
+            "op-fp32=tests/test_op.py -k float32" "robustness=tests/test_robustness.py" \
+            "triton-bf16=tests/test_triton.py -k bfloat16" \
+            "triton-fp16=tests/test_triton.py -k 'float16 and not bfloat16'" \
+            "triton-fp32=tests/test_triton.py -k float32" "cuda=tests/test_cuda.py" \
+            "fuzz-torch=tests/test_fuzz.py -k torch" "fuzz-triton=tests/test_fuzz.py -k triton" \
+            "fuzz-cuda=tests/test_fuzz.py -k 'not torch and not triton'"
+        wait "$SANITIZER_PID"
+        printf '%-12s %s\n' sanitizer "$(grep -E 'passed|failed' "$OUT/sanitizer.log" | tail -n 1) $(grep 'ERROR SUMMARY' "$OUT/sanitizer.log" | tail -n 1)"
+        grep -q "ERROR SUMMARY: 0 errors" "$OUT/sanitizer.log" || rc=1
+    fi
+    [ "$WHAT" = tests ] || run_bench "$OUT/$GPU.json" --quick --plot "$OUT/$GPU.png"
+    ;;
+esac
+echo "== gpu_run $WHAT: rc=$rc"
 exit "$rc"

@@ -1,108 +1,190 @@
-"""Block sizes per kernel, keyed on (M bucket, N, K, Ra): a small table tuned on an H100.
+"""Launch plans of the triton kernels: block sizes, splits, fused or not, TMA. One function, JSON tables.
 
-``TMA`` (forward and dx GEMMs, one adapter only): x / g and W tiles through tensor descriptors
-where their layout allows (ARCHITECTURE.md); off in the table until timed on a GPU.
+:func:`plan` is the one place a kernel's launch configuration comes from. It reads
+``lorakern/launchplans.json`` (beside ``autotable.json``; both written by ``bench/make_autotable.py``)::
 
-Under ``TRITON_INTERPRET=1`` every kernel runs one small configuration (16-wide blocks, so
-tests cross block boundaries on tiny shapes). ``OVERRIDE`` lets tests and
-``bench/triton_tune.py`` force entries: ``OVERRIDE["fwd"] = {"FUSE_Q": False}``.
+    {"<table>": {"<kind>": [row, ...], ...}, ...}
+
+Tables: ``"interpret"`` (under ``TRITON_INTERPRET=1``: 16-wide blocks, so that tests cross block
+boundaries on tiny shapes), ``"default"`` (tuned on an H100), and one per GPU name
+(``torch.cuda.get_device_name``) holding the kinds measured there (other kinds: ``"default"``).
+Kinds: ``fwd`` (the forward GEMM; ``FUSE_Q``: q computed inside it), ``shrink`` (q in its own
+pass, ``SPLIT_K`` column slices), ``gpass`` (the pass over g; ``SPLIT_N``, ``P_APART``,
+``CUBLAS``), ``dx`` (the dx GEMM; ``FUSE_DA``: dA in its epilogue), ``dA``; ``TMA``: x / g and W
+tiles through tensor descriptors (ARCHITECTURE.md), off until timed on a GPU.
+
+A row: ``{"M_max": 64, "BM": 16, ..., "dropout": {"FUSE_Q": false}}``: the first row with
+M <= M_max (or without M_max) is used, its ``"dropout"`` entries replacing others for calls with
+dropout. Then, in order: a split count the row leaves out is derived from the SM count (about two
+programs per SM); fp32 inputs' inner (reduction) block is halved, at least 16, so the
+shared-memory stages fit (227 KB on an H100); entries forced by :func:`planning` replace what is
+there; ``FUSE_Q`` is off with per-row adapters (the kernel cannot).
+
+>>> plan("fwd", M=8192, N=4096, K=4096, dropout=True, esize=2, table="default")["FUSE_Q"]
+False
+>>> with planning(fwd={"FUSE_Q": True, "BK": 32}):
+...     sorted(plan("fwd", M=8192, N=4096, K=4096, dropout=True, table="default").items())[:3]
+[('BK', 32), ('BM', 128), ('BN', 256)]
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
+import json
 import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
 
-OVERRIDE: dict[str, dict] = {}
+import torch
+
+__all__ = ["KINDS", "TABLES", "interpreting", "plan", "planning", "table_name", "load",
+           "fwd", "shrink", "gpass", "dx", "dA"]
+
+TABLES = Path(__file__).resolve().parent.parent / "launchplans.json"
+KINDS = {"fwd": "BK", "shrink": "BK", "gpass": "BN", "dx": "BN", "dA": "BM"}  # kind: its inner block
+# kind: (the split entry, the dimension split, its least slice (an entry or a count), the grid's other
+# dimension, that dimension's block)
+_SPLITS = {"shrink": ("SPLIT_K", "K", "BK", "M", "BM"), "gpass": ("SPLIT_N", "N", 512, "M", "BM"),
+           "dA": ("SPLIT_M", "M", 256, "K", "BK")}
 
 
 def interpreting() -> bool:
+    """Whether triton's kernels run in the interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _with_override(kind: str, cfg: dict, inner: str, esize: int) -> dict:
-    """``cfg`` with fp32 inputs' inner (reduction) block halved, so the shared-memory stages fit
-    (227 KB on an H100), then the overrides for ``kind``."""
-    if esize == 4 and not interpreting():
-        cfg = {**cfg, inner: max(16, cfg[inner] // 2)}
-    return {**cfg, **OVERRIDE.get(kind, {})}
+@dataclass(frozen=True)
+class _Planning:
+    table: Optional[str] = None
+    sms: Optional[int] = None
+    forced: tuple = field(default=())  # ((kind, ((entry, value), ...)), ...)
 
 
-def fwd(M: int, N: int, K: int, Ra: int, banked: bool, dropout: bool, esize: int) -> dict:
-    """The forward GEMM (and whether it computes q itself, FUSE_Q; never with per-row adapters)."""
+_STATE: contextvars.ContextVar[_Planning] = contextvars.ContextVar("lorakern_triton_planning", default=_Planning())
+
+
+@contextlib.contextmanager
+def planning(*, table: Optional[str] = None, sms: Optional[int] = None, **forced: dict) -> Iterator[None]:
+    """Within the block, plans come from ``table`` (a table of launchplans.json), for a GPU with
+    ``sms`` SMs, with the entries of ``forced[kind]`` replacing the table's; a nested block adds
+    to the outer one. Tests force paths with it, ``bench/triton_tune.py`` times candidates::
+
+        with planning(fwd={"FUSE_Q": False}, dx={"FUSE_DA": False}):
+            y = lorakern.lora_linear(..., backend="triton")
+
+    Raises:
+        ValueError: an unknown kind.
+    """
+    unknown = set(forced) - set(KINDS)
+    if unknown:
+        raise ValueError(f"planning: unknown kinds {sorted(unknown)}; expected some of {sorted(KINDS)}")
+    outer = _STATE.get()
+    merged = {k: dict(v) for k, v in outer.forced}
+    for kind, entries in forced.items():
+        merged[kind] = {**merged.get(kind, {}), **entries}
+    token = _STATE.set(_Planning(table or outer.table, sms or outer.sms,
+                                 tuple((k, tuple(sorted(v.items()))) for k, v in sorted(merged.items()))))
+    try:
+        yield
+    finally:
+        _STATE.reset(token)
+
+
+@functools.lru_cache(maxsize=None)
+def load() -> dict:
+    """The tables of launchplans.json, read once."""
+    return json.loads(TABLES.read_text())
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_name(index: Optional[int]) -> Optional[str]:
+    return torch.cuda.get_device_name(index) if torch.cuda.is_available() else None
+
+
+def table_name(device: Optional[torch.device] = None) -> str:
+    """The table :func:`plan` reads: ``planning``'s, else ``"interpret"`` when interpreting, else
+    the GPU's own where launchplans.json has one (``device``, or the current CUDA device), else
+    ``"default"``."""
+    forced = _STATE.get().table
+    if forced:
+        return forced
     if interpreting():
-        cfg = dict(BM=16, BN=16, BK=16, GROUP_M=2, num_warps=4, num_stages=1, FUSE_Q=not banked)
-    elif M <= 16:  # decode: W-bandwidth bound, N / 32 programs, q inside the GEMM (one launch)
-        cfg = dict(BM=16, BN=32, BK=256, GROUP_M=1, num_warps=4, num_stages=4, FUSE_Q=not dropout)
-    elif M <= 64:
-        cfg = dict(BM=64, BN=32, BK=128, GROUP_M=1, num_warps=4, num_stages=4, FUSE_Q=not dropout)
-    elif M <= 256:
-        cfg = dict(BM=128, BN=32, BK=128, GROUP_M=8, num_warps=4, num_stages=4, FUSE_Q=not dropout)
-    elif M <= 1024:
-        cfg = dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, FUSE_Q=not dropout)
-    else:  # q inside the GEMM (an N=16 MMA beside each N=256 one) beats a separate pass over x
-        cfg = dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, FUSE_Q=not dropout)
-    cfg = _with_override("fwd", {"TMA": False, **cfg}, "BK", esize)
-    if banked:
+        return "interpret"
+    name = _gpu_name(device.index if device is not None and device.type == "cuda" else None)
+    return name if name in load() else "default"
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(kind: str, table: str, dims: tuple, dropout: bool, esize: int, sms: int, forced: tuple) -> dict:
+    tables = load()
+    rows = tables[table].get(kind) or tables["default"][kind]
+    M = dims[0]
+    row = next(r for r in rows if M <= r.get("M_max", M))
+    cfg = {k: v for k, v in row.items() if k not in ("M_max", "dropout")}
+    if dropout:
+        cfg.update(row.get("dropout", {}))
+    if kind in _SPLITS and _SPLITS[kind][0] not in cfg:
+        entry, dim, least, other, block = _SPLITS[kind]
+        size = dict(zip("MNK", dims))
+        slices = _cdiv(size[dim], cfg[least] if isinstance(least, str) else least)
+        cfg[entry] = max(1, min(slices, _cdiv(2 * sms, _cdiv(size[other], cfg[block]))))
+    inner = KINDS[kind]
+    if esize == 4:
+        cfg[inner] = max(16, cfg[inner] // 2)
+    cfg.update(dict(dict(forced).get(kind, ())))
+    return cfg
+
+
+def plan(kind: str, *, M: int, N: int = 1, K: int = 1, Ra: int = 1, banked: bool = False, dropout: bool = False,
+         esize: int = 2, sms: int = 1, device: Optional[torch.device] = None, table: Optional[str] = None) -> dict:
+    """The launch plan of kernel ``kind`` (one of KINDS) for a call of M rows, K in-features, N
+    out-features, Ra active ranks; ``banked``: per-row adapters; ``dropout``: p > 0; ``esize``:
+    bytes per element of x (4: fp32); ``sms``: the GPU's SM count (``planning`` may replace it);
+    ``device``: whose table (default: the current CUDA device's); ``table``: that table instead.
+
+    Returns a new dict: block sizes (BM, BN, BK), GROUP_M, num_warps, num_stages and the kind's
+    flags and split count.
+
+    Raises:
+        KeyError: an unknown kind or table.
+    """
+    state = _STATE.get()
+    cfg = dict(_plan(kind, table or table_name(device), (M, N, K), bool(dropout), esize, state.sms or sms,
+                     state.forced))
+    if kind == "fwd" and banked:
         cfg["FUSE_Q"] = False
     return cfg
 
 
+# The call signatures lorakern/triton/backend.py uses, each one plan() call.
+def fwd(M: int, N: int, K: int, Ra: int, banked: bool, dropout: bool, esize: int) -> dict:
+    """``plan("fwd", ...)``: the forward GEMM (FUSE_Q: q inside it; never with per-row adapters)."""
+    return plan("fwd", M=M, N=N, K=K, Ra=Ra, banked=banked, dropout=dropout, esize=esize)
+
+
 def shrink(M: int, K: int, Ra: int, sms: int, esize: int) -> dict:
-    """The shrink pass; SPLIT_K column slices (partial q each, summed by the GEMM) so that few rows
-    fill the GPU."""
-    if interpreting():
-        return _with_override("shrink", dict(BM=16, BK=16, num_warps=4, num_stages=1, SPLIT_K=2), "BK", esize)
-    if M > 1024:
-        cfg = dict(BM=64, BK=128, num_warps=4, num_stages=4)
-    elif M > 64:
-        cfg = dict(BM=32, BK=128, num_warps=4, num_stages=3)
-    else:
-        cfg = dict(BM=16, BK=64, num_warps=4, num_stages=3)
-    blocks = -(-M // cfg["BM"])
-    cfg["SPLIT_K"] = max(1, min(-(-K // cfg["BK"]), -(-2 * sms // blocks)))
-    return _with_override("shrink", cfg, "BK", esize)
+    """``plan("shrink", ...)``: the shrink pass; SPLIT_K column slices (partial q each, summed by the GEMM)."""
+    return plan("shrink", M=M, K=K, Ra=Ra, sms=sms, esize=esize)
 
 
 def gpass(M: int, N: int, Ra: int, sms: int, esize: int) -> dict:
-    """The pass over g; SPLIT_N column slices so that the grid fills the GPU. P_APART: g^T t by
-    the row-reduction kernel (a second read of g, Ra * N * SPLIT_M atomics) instead of atomics
-    here (Ra * N * M / BM of them). CUBLAS (one adapter only): dt and g^T t as two skinny torch
-    products instead (measured on an H100: the g-pass's dt part ran ~200 us at M = 8192)."""
-    if interpreting():
-        cfg = dict(BM=16, BN=16, num_warps=4, num_stages=1, SPLIT_N=2, P_APART=False, CUBLAS=False)
-    else:
-        bm = 128 if M > 1024 else 64 if M > 64 else 16
-        cfg = dict(BM=bm, BN=128, num_warps=8 if bm == 128 else 4, num_stages=3)
-        rows = -(-M // bm)
-        cfg["SPLIT_N"] = max(1, min(-(-N // 512), -(-2 * sms // rows)))
-        cfg["P_APART"] = False
-        cfg["CUBLAS"] = True
-    return _with_override("gpass", cfg, "BN", esize)
+    """``plan("gpass", ...)``: the pass over g; SPLIT_N column slices. P_APART: g^T t by the
+    row-reduction kernel instead of atomics here. CUBLAS (one adapter only): dt and g^T t as two
+    skinny torch products (measured on an H100: the g-pass's dt part ran ~200 us at M = 8192)."""
+    return plan("gpass", M=M, N=N, Ra=Ra, sms=sms, esize=esize)
 
 
 def dx(M: int, N: int, K: int, Ra: int, dropout: bool, esize: int) -> dict:
-    """The dx GEMM; FUSE_DA: dA in its epilogue too (one keep-mask generation for both)."""
-    if interpreting():
-        cfg = dict(BM=16, BK=16, BN=16, GROUP_M=2, num_warps=4, num_stages=1)
-    elif M <= 64:  # W-bandwidth bound: K / 32 programs
-        cfg = dict(BM=max(16, 1 << (M - 1).bit_length()), BK=32, BN=128, GROUP_M=1, num_warps=4, num_stages=4)
-    elif M <= 256:
-        cfg = dict(BM=128, BK=32, BN=128, GROUP_M=8, num_warps=4, num_stages=4)
-    elif M <= 1024:
-        cfg = dict(BM=128, BK=128, BN=64, GROUP_M=8, num_warps=8, num_stages=4)
-    elif dropout:  # two [BM, BK] accumulators (dx, and the masked adapter part)
-        cfg = dict(BM=128, BK=128, BN=64, GROUP_M=8, num_warps=8, num_stages=4)
-    else:
-        cfg = dict(BM=128, BK=256, BN=64, GROUP_M=8, num_warps=8, num_stages=3)
-    cfg["FUSE_DA"] = dropout
-    return _with_override("dx", {"TMA": False, **cfg}, "BN", esize)
+    """``plan("dx", ...)``: the dx GEMM; FUSE_DA: dA in its epilogue too (one keep-mask generation for both)."""
+    return plan("dx", M=M, N=N, K=K, Ra=Ra, dropout=dropout, esize=esize)
 
 
 def dA(M: int, K: int, Ra: int, sms: int, esize: int) -> dict:
-    """dA = dq^T x~; SPLIT_M row slices so that the grid fills the GPU."""
-    if interpreting():
-        cfg = dict(BM=16, BK=16, num_warps=4, num_stages=1, SPLIT_M=2)
-    else:
-        cfg = dict(BM=64, BK=128, num_warps=4, num_stages=3)
-        cols = -(-K // cfg["BK"])
-        cfg["SPLIT_M"] = max(1, min(-(-M // 256), -(-2 * sms // cols)))
-    return _with_override("dA", cfg, "BM", esize)
+    """``plan("dA", ...)``: dA = dq^T x~; SPLIT_M row slices."""
+    return plan("dA", M=M, K=K, Ra=Ra, sms=sms, esize=esize)
