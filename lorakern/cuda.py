@@ -94,10 +94,19 @@ def build(verbose: bool = False) -> str:
           f"_sm{arch.replace('.', '').replace(';', '_').replace('+PTX', 'p')}"
     folder = _get_build_directory(tag, verbose)
     cf = lb.cflags()
-    path = load(name=tag, sources=lb.sources(), extra_include_paths=lb.include_dirs(), extra_cflags=cf["cxx"],
-                extra_cuda_cflags=cf["nvcc"], extra_ldflags=lb.ldflags(), build_directory=folder,
-                is_python_module=False, verbose=verbose)
-    return path if isinstance(path, str) else os.path.join(folder, f"{tag}.so")
+    library = os.path.join(folder, f"{tag}.so")
+    inputs = [f for d in {os.path.dirname(s) for s in lb.sources()} for f in glob.glob(os.path.join(d, "*.*"))]
+    if not os.path.exists(library) or max(map(os.path.getmtime, inputs)) > os.path.getmtime(library):
+        print("lorakern: building the CUDA extension once (about 2 minutes)...", file=sys.stderr, flush=True)
+    try:
+        path = load(name=tag, sources=lb.sources(), extra_include_paths=lb.include_dirs(), extra_cflags=cf["cxx"],
+                    extra_cuda_cflags=cf["nvcc"], extra_ldflags=lb.ldflags(), build_directory=folder,
+                    is_python_module=False, verbose=verbose)
+    except Exception as e:  # the compiler's output is in the message: keep all of it beside the build
+        log = Path(folder) / "build.log"
+        log.write_text(f"{type(e).__name__}: {e}\n")
+        raise RuntimeError(f"building the CUDA extension failed; the build log: {log}\n{e}") from e
+    return path if isinstance(path, str) else library
 
 
 @functools.lru_cache(maxsize=None)
@@ -112,6 +121,7 @@ def _load() -> tuple[bool, str]:
         else:
             build()
     except Exception as e:  # noqa: BLE001 - any build failure makes the backend unavailable
+        print(f"lorakern: {e}", file=sys.stderr)
         line = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         return False, f"unavailable: build failed: {line[:200]}"
     return True, ""
