@@ -12,16 +12,15 @@ True
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple, Optional, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["Problem", "Needs", "Operands", "Grads", "Backend", "qdtype", "base_scale_grad"]
+__all__ = ["Problem", "Needs", "Operands", "Grads", "Backend", "qdtype", "base_scale_grad", "adapters_as_x",
+           "grads_as"]
 
 
-@dataclass(frozen=True)
-class Needs:
+class Needs(NamedTuple):
     """Which gradients backward computes, by the name of the input they belong to."""
     x: bool = False
     weight: bool = False
@@ -33,13 +32,11 @@ class Needs:
     base_scale: bool = False
 
     def any(self) -> bool:
-        return any((self.x, self.weight, self.bias, self.lora_A, self.lora_B, self.rank_scale, self.out_scale,
-                    self.base_scale))
+        return any(self)
 
 
-@dataclass(frozen=True)
-class Problem:
-    """Sizes and scalars of one call, built once by the op.
+class Problem(NamedTuple):
+    """Sizes and scalars of one call, built once by the op (a tuple: cheap to build, immutable).
 
     M rows of x (flattened), K in-features, N out-features, R ranks of A / B, Ra active ranks
     (R when no mask compacts them), G adapters (1 without banks). ``scaling`` is s (ignored when
@@ -118,3 +115,26 @@ def base_scale_grad(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> t
     """dc = sum over rows of g * (x W^T) in ``qdtype(x)``: the base product is recomputed (one
     GEMM), not saved, and freed at once."""
     return torch.mm(x, weight.T).mul_(g).sum(0, dtype=qdtype(x))
+
+
+def adapters_as_x(op: Operands) -> Operands:
+    """``op`` with lora_A, lora_B, rank_scale and out_scale in x's dtype (``op`` itself when they are).
+
+    For kernels that take one dtype (triton, cuda): fp32 adapters beside a half-precision x are
+    rounded to x's dtype for the kernel; :func:`grads_as` returns their gradients in fp32.
+    """
+    cast = lambda t: t if t is None or t.dtype == op.x.dtype else t.to(op.x.dtype)  # noqa: E731
+    if all(t is cast(t) for t in (op.lora_A, op.lora_B, op.rank_scale, op.out_scale)):
+        return op
+    return op._replace(lora_A=cast(op.lora_A), lora_B=cast(op.lora_B), rank_scale=cast(op.rank_scale),
+                       out_scale=cast(op.out_scale))
+
+
+def grads_as(grads: Grads, op: Operands) -> Grads:
+    """``grads`` with each adapter gradient in its input's dtype in ``op`` (undoes :func:`adapters_as_x`)."""
+    def cast(g, like):
+        return g if g is None or like is None or g.dtype == like.dtype else g.to(like.dtype)
+
+    return grads._replace(lora_A=cast(grads.lora_A, op.lora_A), lora_B=cast(grads.lora_B, op.lora_B),
+                          rank_scale=cast(grads.rank_scale, op.rank_scale),
+                          out_scale=cast(grads.out_scale, op.out_scale))
