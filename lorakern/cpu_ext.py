@@ -2,9 +2,9 @@
 
 It registers ``torch.ops.lorakern_cpu.{shrink, add_masked_, masked_At, dropout_keep, isa, isas}``
 (csrc/cpu/ops.cpp says what each computes). It is built on first use with ninja
-(``torch.utils.cpp_extension.load``, into torch's extension folder, about a minute on 2 cores)
-and loaded from there afterwards; it is rebuilt when a source is newer than the library. Without a
-C++ compiler it is unavailable and callers use the torch path.
+(``torch.utils.cpp_extension.load``, into torch's extension folder, about half a minute on 2
+cores) and loaded from there afterwards; it is rebuilt when a source is newer than the library.
+Without a C++ compiler (and no library built before) it is unavailable and callers use the torch path.
 
 >>> from lorakern import cpu_ext
 >>> cpu_ext.available()                 # doctest: +SKIP
@@ -63,8 +63,13 @@ def build(verbose: bool = False) -> str:
 def available() -> tuple[bool, str]:
     """``(True, "")`` once the extension is loaded, else ``(False, "unavailable: <reason>")``.
 
-    The first call builds or loads it (a failed build prints its log to stderr once); cached."""
+    The first call loads the built library, or builds it (a failed build prints its log to
+    stderr); cached."""
     if hasattr(torch.ops, "lorakern_cpu") and hasattr(torch.ops.lorakern_cpu, "shrink"):
+        return True, ""
+    path = _library()[1]
+    if not _stale(path):
+        torch.ops.load_library(path)
         return True, ""
     if _compiler() is None:
         return False, f"unavailable: no C++ compiler found ({os.environ.get('CXX', 'c++')}; set CXX)"

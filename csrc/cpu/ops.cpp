@@ -20,6 +20,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <vector>
@@ -175,14 +176,15 @@ Rows make_rows(const c10::optional<Tensor>& rows, int64_t M, bool distinct) {
               r.scalar_type(), " of shape ", r.sizes());
   Rows out{nullptr, r.numel(), r.contiguous()};
   out.idx = out.keep_alive.data_ptr<int64_t>();
-  std::vector<bool> seen(distinct ? (size_t)M : 0);
-  for (int64_t i = 0; i < out.m; ++i) {
-    const int64_t v = out.idx[i];
-    TORCH_CHECK(v >= 0 && v < M, "rows: expected values in [0, ", M, "), got ", v, " at position ", i);
-    if (distinct) {
-      TORCH_CHECK(!seen[(size_t)v], "rows: expected distinct rows (add_masked_ writes them), got ", v, " twice");
-      seen[(size_t)v] = true;
-    }
+  for (int64_t i = 0; i < out.m; ++i)
+    TORCH_CHECK(out.idx[i] >= 0 && out.idx[i] < M, "rows: expected values in [0, ", M, "), got ", out.idx[i],
+                " at position ", i);
+  if (distinct) {
+    std::vector<int64_t> sorted(out.idx, out.idx + out.m);
+    std::sort(sorted.begin(), sorted.end());
+    const auto twice = std::adjacent_find(sorted.begin(), sorted.end());
+    TORCH_CHECK(twice == sorted.end(), "rows: expected distinct rows (add_masked_ writes them), got ", *twice,
+                " twice");
   }
   return out;
 }
@@ -343,7 +345,7 @@ Tensor dropout_keep(int64_t seed, int64_t M, int64_t K, double p) {
   const Stream s = make_stream(seed, p, K);
   const Isa* isa = current_isa().load();
   bool* o = out.data_ptr<bool>();
-  at::parallel_for(0, M, 1, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, M, block_rows(K), [&](int64_t r0, int64_t r1) {
     Keep keep(isa, &s, K);
     for (int64_t r = r0; r < r1; ++r) {
       const uint32_t* bits = keep.row(r);
