@@ -147,7 +147,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _, target, needs = COMMANDS[args.command]
     module, attr = target.split(":")
     try:
-        ensure(needs, f"lorakern {args.command}")
+        if not {"-h", "--help"} & set(argv[split:]):  # help needs no optional package
+            ensure(needs, f"lorakern {args.command}")
         return getattr(importlib.import_module(module), attr)(argv[split:])
     except MissingDependency as e:
         print(f"lorakern {args.command}: {e}", file=sys.stderr)

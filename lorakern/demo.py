@@ -252,7 +252,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     gloo on CPUs), each training on its share of every batch; rank 0 reports.
     """
     ap = argparse.ArgumentParser(prog="lorakern demo", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="where to train (default: cuda when there is a GPU, else cpu)")
     ap.add_argument("--preset", choices=sorted(PRESETS), help="model and run size (default: by device)")
     ap.add_argument("--steps", type=int, help="training steps per run (default: the preset's)")
     ap.add_argument("--warmup", type=int, help="first steps left out of the timing (default: the preset's)")
@@ -261,8 +262,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          "machine several threads wait on each other)")
     ap.add_argument("--r", type=int, default=16, help="LoRA rank")
     ap.add_argument("--dropout", type=float, default=0.1, help="LoRA dropout")
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default 2e-3)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of weights, batches and dropout (default 0)")
     ap.add_argument("--out", default="demo.png", help="where to write the plot")
     args = ap.parse_args(argv)
     device = torch.device(args.device)

@@ -1,0 +1,87 @@
+"""The command line: ``lorakern --help`` and every command's, the console script, errors that say what to
+install, and ``lorakern check``'s table without third-party noise."""
+from __future__ import annotations
+
+import builtins
+import logging
+import re
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+from lorakern import cli, extras
+
+
+def test_help_lists_every_command(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {name}" in out for name in cli.COMMANDS)
+    assert 'pip install "lorakern[peft]"' in out
+
+
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
+def test_every_command_has_help_with_option_descriptions(command, capsys):
+    assert cli.main([command, "--help"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"usage: lorakern {command}")
+    options = [i for i, line in enumerate(lines) if re.match(r"  -", line) and not line.startswith("  -h, --help")]
+    assert options
+    for i in options:  # the description on the option's line, or on the next, indented
+        assert re.match(r"  -\S.*?\s{2,}\S", lines[i]) or re.match(r"\s{10,}\S", lines[i + 1]), lines[i]
+
+
+def test_usage_errors_exit_2(capsys):
+    assert cli.main([]) == 2
+    assert cli.main(["nonsense"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_console_script_runs():
+    exe = shutil.which("lorakern", path=str(Path(sys.executable).parent))
+    if exe is None:
+        pytest.skip("the lorakern console script is not installed beside this python")
+    run = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "commands:" in run.stdout
+
+
+def test_missing_dependency_says_what_to_install(capsys, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_peft(name, *args, **kwargs):
+        if name.split(".")[0] in ("peft", "matplotlib"):
+            raise ModuleNotFoundError(f"No module named '{name}'", name=name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_peft)
+    for module in ("peft", "matplotlib"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    assert cli.main(["demo", "--preset", "tiny"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("lorakern demo: lorakern demo needs peft, matplotlib")
+    assert 'pip install "lorakern[peft,bench]"' in err and "Traceback" not in err
+
+
+def test_quiet_drops_third_party_warnings_and_log_lines(caplog, recwarn):
+    log = logging.getLogger("torch.utils.cpp_extension")
+    with extras.quiet():
+        log.warning("No CUDA runtime is found, using CUDA_HOME='x'")
+        warnings.warn("a third-party warning")
+    assert "No CUDA runtime" not in caplog.text and not recwarn.list
+    assert not log.disabled
+
+
+def test_check_prints_one_row_per_backend():
+    """In a fresh process, where torch's cpp_extension would warn on import without a GPU."""
+    from lorakern import backends
+
+    run = subprocess.run([sys.executable, "-m", "lorakern.cli", "check", "--device", "cpu", "-M", "8", "-K", "16",
+                          "-N", "12", "-r", "4"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert "auto picks" in lines[0]
+    assert [line.split()[0] for line in lines[2:]] == ["F.linear", *backends.NAMES]
+    assert "No CUDA runtime" not in run.stdout + run.stderr and "Warning" not in run.stdout + run.stderr
