@@ -3,12 +3,12 @@
 ``interpret`` tier: TRITON_INTERPRET=1 on CPU, fp32 and fp16, tiny shapes (16-wide blocks, so
 every shape here crosses block edges). ``gpu`` tier: the same tests on CUDA in bf16, fp16 and
 fp32 on bigger awkward shapes. Kernel variants (q inside the GEMM or a separate shrink, split
-or whole passes, sorted or unsorted rows) are forced through ``configs.OVERRIDE``.
+or whole passes, sorted or unsorted rows) are forced through ``configs.planning``.
 """
 from __future__ import annotations
 
-import re
 import os
+import re
 
 import pytest
 import torch
@@ -44,16 +44,13 @@ def env(request):
 
 @pytest.fixture
 def override():
-    """Force kernel configurations for one test: ``override("fwd", FUSE_Q=False)``."""
+    """Force kernel configurations for one test: ``override("fwd", FUSE_Q=False)`` enters
+    ``configs.planning`` for the rest of the test (nested calls add to the earlier ones)."""
+    import contextlib
+
     from lorakern.triton import configs
-    saved = dict(configs.OVERRIDE)
-
-    def set_(kind, **kw):
-        configs.OVERRIDE[kind] = {**configs.OVERRIDE.get(kind, {}), **kw}
-
-    yield set_
-    configs.OVERRIDE.clear()
-    configs.OVERRIDE.update(saved)
+    with contextlib.ExitStack() as stack:
+        yield lambda kind, **kw: stack.enter_context(configs.planning(**{kind: kw}))
 
 
 def shape(dev, small, big):
@@ -210,12 +207,21 @@ def test_bank_views(env):
     check(t, kw)
 
 
-def _backend_args(t, kw, dev):
-    """The op's arguments as a backend gets them (no mask, no dropout)."""
+def _backend_args(t, kw, adapter_index=None, dropout_p=0.0, seed=0):
+    """(Problem, Operands) as the op hands them to a backend (no mask); ``adapter_index`` replaces
+    kw's unchecked (rows visited in a sorted order that treats any value outside [0, G) as -1)."""
+    from lorakern.backends.interface import Operands, Problem
+
     sg = kw["scaling"].float() if isinstance(kw["scaling"], torch.Tensor) else None
     s = 1.0 if sg is not None else kw["scaling"]
-    return (t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], s, sg, t["rank_scale"], None,
-            t["out_scale"], 0.0, 0, kw.get("adapter_index"))
+    x, W, A = t["x"], t["weight"], t["lora_A"]
+    idx = kw.get("adapter_index") if adapter_index is None else adapter_index
+    order = None if idx is None else torch.argsort(torch.where((idx >= 0) & (idx < A.shape[0]), idx, -1), stable=True)
+    R = A.shape[-2]
+    pb = Problem(M=x.shape[0], K=x.shape[1], N=W.shape[0], R=R, Ra=R, G=A.shape[0] if A.dim() == 3 else 1,
+                 banked=A.dim() == 3, scaling=s, dropout_p=dropout_p, seed=seed, deterministic=False)
+    return pb, Operands(x, W, t["bias"], A, t["lora_B"], sg, t["rank_scale"], None, t["out_scale"], None, idx, order,
+                        None)
 
 
 def test_out_of_range_index_is_base_only(env):
@@ -228,10 +234,8 @@ def test_out_of_range_index_is_base_only(env):
     bad[1::4] = G + 7
     bad[2::4] = -(2 ** 40)
     clean = torch.where((bad >= 0) & (bad < G), bad, -1)
-    args = list(_backend_args(t, kw, dev))
-    args[-1] = bad
     with poisoned():
-        y, q = lorakern.triton.forward(*args)
+        y, q = lorakern.triton.forward(*_backend_args(t, kw, adapter_index=bad))
     y_ref = reference_lora_linear(*(t[k] for k in ("x", "weight", "bias", "lora_A", "lora_B")),
                                   rank_scale=t["rank_scale"], out_scale=t["out_scale"], scaling=kw["scaling"],
                                   adapter_index=clean)
@@ -244,11 +248,12 @@ def test_needs_frozen(env):
     dev, dt = env
     M, K, N, R, G = shape(dev, (20, 24, 18, 4, 3), (300, 256, 384, 8, 3))
     t, kw = make(dev, dt, M, K, N, R, G=G, rank_scale="per_adapter", out_scale="per_adapter")
-    args = _backend_args(t, kw, dev)
-    y, q = lorakern.triton.forward(*args)
+    from lorakern.backends.interface import Needs
+
+    pb, op = _backend_args(t, kw)
+    y, q = lorakern.triton.forward(pb, op)
     g = torch.randn_like(y)
-    x, w, _bias, A, B, *rest = args
-    bw = lambda needs: lorakern.triton.backward(g, x, w, A, B, *rest, None, q, needs)  # noqa: E731
+    bw = lambda needs: lorakern.triton.backward(pb, op, g, q, Needs(*needs))  # noqa: E731
     with poisoned():
         full = bw((True,) * 7 + (False,))  # no base_scale
     for i in range(7):
@@ -278,13 +283,9 @@ def test_dropout_keep_is_the_kernels_mask(env):
         assert torch.equal(keep, lorakern.triton.dropout_keep(seed, M, K, p, dev))
         q_ref = (t["x"].double() * keep / (1 - p)) @ t["lora_A"].double().T
         for fuse in (True, False):
-            configs.OVERRIDE["fwd"] = {"FUSE_Q": fuse}
-            try:
-                with poisoned():
-                    _, q = lorakern.triton.forward(t["x"], t["weight"], None, t["lora_A"], t["lora_B"], 1.0, None,
-                                                   None, None, None, p, seed, None)
-            finally:
-                configs.OVERRIDE.pop("fwd")
+            with configs.planning(fwd={"FUSE_Q": fuse}), poisoned():
+                _, q = lorakern.triton.forward(*_backend_args({**t, "bias": None}, {"scaling": 1.0},
+                                                              dropout_p=p, seed=seed))
             assert rel_err(q, q_ref) <= tolerance("triton", dev, dt), (seed, fuse)
     assert not torch.equal(lorakern.triton.dropout_keep(3, M, K, p, dev), lorakern.triton.dropout_keep(4, M, K, p, dev))
 
