@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 
 import lorakern
+from lorakern.benchmark.cases import Shape, Variant
+from lorakern.benchmark.providers import default_dtype, make_inputs
 from lorakern.benchmark.timing import loop_us, sync
 
 
@@ -35,12 +37,9 @@ def main(argv=None) -> int:
         print("no CUDA GPU (--device cpu --backend torch runs the same report on a CPU)")
         return 2
     M, K, N, R = args.M, args.K, args.K, 16
-    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    x = torch.randn(M, K, device=dev, dtype=dt, requires_grad=True)
-    W = torch.randn(N, K, device=dev, dtype=dt) * K ** -0.5
-    A = (torch.randn(R, K, device=dev, dtype=dt) * K ** -0.5).requires_grad_()
-    B = (torch.randn(N, R, device=dev, dtype=dt) * 0.1).requires_grad_()
-    g = torch.randn(M, N, device=dev, dtype=dt)
+    dt = default_dtype(dev)
+    inp = make_inputs(Shape(M, K, N, R), Variant(), dt, dev)
+    x, W, A, B, g = inp.x, inp.W, inp.A, inp.B, inp.grad_y
 
     def chain():
         return F.linear(x, W) + (x @ A.T) @ B.T * 2.0

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 import lorakern
 from lorakern.benchmark import timing
+from lorakern.benchmark.cases import Shape, Variant
+from lorakern.benchmark.providers import make_inputs
 from lorakern.triton import configs
 
 from .check import short
@@ -45,12 +47,8 @@ NEEDS = {"fwd": ({}, "forward"), "shrink": ({"fwd": {"FUSE_Q": False}}, "forward
 
 def _steps(M: int, K: int, N: int, R: int, p: float) -> tuple[dict[str, Callable[[], object]], Callable, Callable]:
     """({breakdown row: step}, F.linear step, g @ W step) over one bf16 problem."""
-    dev, dt = "cuda", torch.bfloat16
-    x = torch.randn(M, K, device=dev, dtype=dt, requires_grad=True)
-    W = torch.randn(N, K, device=dev, dtype=dt) * K ** -0.5
-    A = (torch.randn(R, K, device=dev, dtype=dt) * K ** -0.5).requires_grad_()
-    B = (torch.randn(N, R, device=dev, dtype=dt) * 0.1).requires_grad_()
-    g = torch.randn(M, N, device=dev, dtype=dt)
+    inp = make_inputs(Shape(M, K, N, R), Variant(), torch.bfloat16, torch.device("cuda"))
+    x, W, A, B, g = inp.x, inp.W, inp.A, inp.B, inp.grad_y
 
     def op():
         return lorakern.lora_linear(x, W, None, A, B, scaling=2.0, dropout_p=p, seed=5, backend="triton")

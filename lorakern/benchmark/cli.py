@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Optional, Sequence, TextIO
 
@@ -130,11 +129,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     header = environment.describe(device)
     print(f"lorakern bench on {header['device']}, {dtype_name(dtype)}: {len(cases)} cases in "
           f"{len({group_key(c) for c in cases})} groups; providers {', '.join(providers)}", flush=True)
-    t0 = time.perf_counter()
-    records, skips = run(cases, providers, device, dtype, settings, log=lambda s: print(s, flush=True))
+    with timing.Stopwatch(torch.device("cpu")) as clock:
+        records, skips = run(cases, providers, device, dtype, settings, log=lambda s: print(s, flush=True))
     for p, reasons in skips.items():
         skipped.setdefault(p, []).extend(reasons)
-    result = {**header, "wall_s": round(time.perf_counter() - t0, 1), "skipped": skipped, "records": records}
+    result = {**header, "wall_s": round(clock.seconds, 1), "skipped": skipped, "records": records}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")

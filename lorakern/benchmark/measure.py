@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -188,14 +187,14 @@ def run(cases: Iterable[Case], providers: Sequence[str], device: torch.device, d
     torch.manual_seed(0)
     with timing.bench_stream(device):
         for gi, ((shape, mode), group_cases) in enumerate(sorted(groups.items())):
-            t0 = time.perf_counter()
-            items = prepare_group(shape, mode, group_cases, providers, device, dtype, settings, skipped)
-            time_items(items, device, settings)
-            records += [to_record(it, dtype) for it in items]
-            del items
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            with timing.Stopwatch(device) as clock:
+                items = prepare_group(shape, mode, group_cases, providers, device, dtype, settings, skipped)
+                time_items(items, device, settings)
+                records += [to_record(it, dtype) for it in items]
+                del items
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
             log(f"[{gi + 1}/{len(groups)}] {mode:<6} M={shape.M} K={shape.K} N={shape.N} r={shape.r} "
-                f"({time.perf_counter() - t0:.1f} s)")
+                f"({clock.seconds:.1f} s)")
     add_ratios(records)
     return records, skipped
