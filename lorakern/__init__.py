@@ -9,6 +9,7 @@ from lorakern.batch import ActiveRanks, AdapterBatch
 from lorakern.modules import LoRALinear
 from lorakern.ops import BACKENDS, backend_status, lora_linear
 from lorakern.reference import reference_lora_linear
+from lorakern.update import lora_update
 
 __version__ = "0.1.0"
-__all__ = ["lora_linear", "LoRALinear", "AdapterBatch", "ActiveRanks", "reference_lora_linear", "backend_status", "BACKENDS", "__version__"]
+__all__ = ["lora_linear", "lora_update", "LoRALinear", "AdapterBatch", "ActiveRanks", "reference_lora_linear", "backend_status", "BACKENDS", "__version__"]

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from lorakern.backends.interface import Grads, Needs, Operands, Problem
+from lorakern.backends.interface import Grads, Needs, Operands, Problem, adapters_as_x, grads_as
 
 __all__ = ["available", "runs_on", "build", "forward", "backward", "dropout_keep"]
 
@@ -155,20 +155,24 @@ def runs_on(device: torch.device, dtype: torch.dtype) -> bool:
 
 def forward(pb: Problem, op: Operands) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, q) per ARCHITECTURE.md; the op has checked every argument, so the C++ value checks
-    (which sync) are skipped."""
+    (which sync) are skipped. The C++ checks want one dtype: fp32 adapters beside a half-precision
+    x are rounded to x's dtype here (``adapters_as_x``)."""
+    op = adapters_as_x(op)
     return _ops().forward(op.x, op.weight, op.bias, op.lora_A, op.lora_B, pb.scaling, op.scaling_g, op.rank_scale,
                           op.rank_idx, op.out_scale, pb.dropout_p, pb.seed, op.adapter_index, op.base_scale,
                           pb.deterministic, False)
 
 
 def backward(pb: Problem, op: Operands, grad_y: torch.Tensor, q: torch.Tensor, needs: Needs) -> Grads:
-    """Gradients per ARCHITECTURE.md; None where ``needs`` is False."""
+    """Gradients per ARCHITECTURE.md; None where ``needs`` is False; fp32 adapters get fp32 gradients
+    (computed with the adapters rounded to x's dtype, as forward)."""
+    given, op = op, adapters_as_x(op)
     flags = [needs.x, needs.weight, needs.bias, needs.lora_A, needs.lora_B, needs.rank_scale, needs.out_scale,
              needs.base_scale]
     grads = _ops().backward(grad_y, op.x, op.weight, op.lora_A, op.lora_B, pb.scaling, op.scaling_g, op.rank_scale,
                             op.rank_idx, op.out_scale, pb.dropout_p, pb.seed, op.adapter_index, op.base_scale, q,
                             [int(n) for n in flags], pb.deterministic, False)
-    return Grads(*(gr if n else None for gr, n in zip(grads, flags)))
+    return grads_as(Grads(*(gr if n else None for gr, n in zip(grads, flags))), given)
 
 
 def dropout_keep(seed: int, M: int, K: int, dropout_p: float, device) -> torch.Tensor:

@@ -69,7 +69,9 @@ def _shape(t: torch.Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
-def _check_tensor(name: str, t, *, dims: Sequence[int], like: torch.Tensor, floating: bool = True) -> None:
+def _check_tensor(name: str, t, *, dims: Sequence[int], like: torch.Tensor, floating: bool = True,
+                  dtypes: Optional[tuple] = None, whose: str = "that of x") -> None:
+    """Type, rank and device of ``t``; with ``floating``, its dtype: one of ``dtypes`` (default: x's)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.dim() not in dims:
@@ -77,14 +79,23 @@ def _check_tensor(name: str, t, *, dims: Sequence[int], like: torch.Tensor, floa
         raise ValueError(f"{name}: expected a {want} tensor, got shape {_shape(t)}")
     if t.device != like.device:
         raise ValueError(f"{name}: expected device {like.device} (that of x), got {t.device}")
-    if floating and t.dtype != like.dtype:
-        raise TypeError(f"{name}: expected dtype {like.dtype} (that of x), got {t.dtype}")
+    dtypes = dtypes or (like.dtype,)
+    if floating and t.dtype not in dtypes:
+        want = " or ".join(str(d) for d in dict.fromkeys(dtypes))
+        raise TypeError(f"{name}: expected dtype {want} ({whose}), got {t.dtype}")
 
 
-def _check_vector(name: str, t, length: int, banked: bool, G: int, like: torch.Tensor, *, floating=True) -> None:
+def adapter_dtypes(x_dtype: torch.dtype) -> tuple:
+    """The dtypes lora_A / lora_B may have beside x of ``x_dtype``: x's own, and float32 beside a
+    float16 / bfloat16 x (PEFT's default precision: a half-precision base, fp32 adapters)."""
+    return (x_dtype, torch.float32) if x_dtype in (torch.float16, torch.bfloat16) else (x_dtype,)
+
+
+def _check_vector(name: str, t, length: int, banked: bool, G: int, like: torch.Tensor, *, floating=True,
+                  dtypes: Optional[tuple] = None, whose: str = "that of x") -> None:
     if t is None:
         return
-    _check_tensor(name, t, dims=(1, 2), like=like, floating=floating)
+    _check_tensor(name, t, dims=(1, 2), like=like, floating=floating, dtypes=dtypes, whose=whose)
     want = (G, length) if banked and t.dim() == 2 else (length,)
     if tuple(t.shape) != want:
         wanted = f"[{length}]" + (f" or [{G}, {length}]" if banked else "")
@@ -107,8 +118,10 @@ def _check_args(x, weight, bias, A, B, scaling, rank_scale, rank_mask, out_scale
         _check_tensor("bias", bias, dims=(1,), like=x)
         if bias.shape[0] != N:
             raise ValueError(f"bias: expected shape [{N}], got {_shape(bias)}")
-    _check_tensor("lora_A", A, dims=(2, 3), like=x)
-    _check_tensor("lora_B", B, dims=(2, 3), like=x)
+    _check_tensor("lora_A", A, dims=(2, 3), like=x, dtypes=adapter_dtypes(x.dtype),
+                  whose="that of x, or float32 beside a half-precision x")
+    _check_tensor("lora_B", B, dims=(2, 3), like=x, dtypes=(A.dtype,), whose="that of lora_A")
+    either = (x.dtype, A.dtype)  # rank_scale / out_scale: x's dtype or the adapters'
     banked = A.dim() == 3
     if B.dim() != A.dim():
         raise ValueError(f"lora_B: expected {A.dim()}-D like lora_A {_shape(A)}, got shape {_shape(B)}")
@@ -132,13 +145,13 @@ def _check_args(x, weight, bias, A, B, scaling, rank_scale, rank_mask, out_scale
             raise ValueError(f"scaling: expected a float{' or shape [' + str(G) + ']' if banked else ''}, got shape {_shape(scaling)}")
     elif not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
         raise TypeError(f"scaling: expected a float or a tensor, got {type(scaling).__name__}")
-    _check_vector("rank_scale", rank_scale, R, banked, G, x)
+    _check_vector("rank_scale", rank_scale, R, banked, G, x, dtypes=either, whose="that of x or of lora_A")
     if isinstance(rank_mask, ActiveRanks):
         rank_mask = rank_mask.mask
     _check_vector("rank_mask", rank_mask, R, banked, G, x, floating=False)
     if rank_mask is not None and rank_mask.dtype != torch.bool:
         raise TypeError(f"rank_mask: expected dtype torch.bool, got {rank_mask.dtype}")
-    _check_vector("out_scale", out_scale, N, banked, G, x)
+    _check_vector("out_scale", out_scale, N, banked, G, x, dtypes=either, whose="that of x or of lora_A")
     _check_vector("base_scale", base_scale, N, False, G, x)
     if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not (0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
@@ -261,12 +274,72 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(q)
 
 
+def _composed(x, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx, out_scale, dropout_p,
+              seed, adapter_index, row_order, adapter_rows, base_scale, backend, deterministic) -> torch.Tensor:
+    """y of the op (``_forward_impl``'s arguments) composed from differentiable torch ops, with the
+    backend's own dropout mask and the adapter branch in ``qdtype(x)``: what double backward and
+    forward-mode AD differentiate. Banks cost one [M, N] product per adapter here."""
+    qd = qdtype(x)
+    y = torch.mm(x, weight.T)
+    if base_scale is not None:
+        y = y * base_scale
+    if bias is not None:
+        y = y + bias
+    xk = x.to(qd)
+    if dropout_p > 0.0:
+        keep = backends.get(backend).dropout_keep(int(seed), x.shape[0], x.shape[1], dropout_p, x.device)
+        xk = torch.where(keep, xk, 0) / (1.0 - dropout_p)
+    if rank_idx is not None:
+        lora_A, lora_B = lora_A.index_select(-2, rank_idx), lora_B.index_select(-1, rank_idx)
+        rank_scale = None if rank_scale is None else rank_scale.index_select(-1, rank_idx)
+
+    def delta(A, B, s, u, v):
+        t = torch.mm(xk, A.to(qd).T) * s
+        t = t if u is None else t * u.to(qd)
+        B = B if v is None else B * v[:, None]
+        return torch.mm(t.to(y.dtype), B.to(y.dtype).T)
+
+    if lora_A.dim() == 2:
+        return y + delta(lora_A, lora_B, scaling, rank_scale, out_scale)
+    for g in range(lora_A.shape[0]):
+        pick = lambda t: t if t is None or t.dim() == 1 else t[g]  # noqa: E731
+        s = scaling if scaling_g is None else scaling_g[g]
+        d = delta(lora_A[g], lora_B[g], s, pick(rank_scale), pick(out_scale))
+        y = y + torch.where((adapter_index == g)[:, None], d, 0)
+    return y
+
+
+def _vjp_of_composed(inputs: Sequence, wrt: Sequence[int], grad_y: torch.Tensor):
+    """The gradients of ``_composed(*inputs)`` for the inputs at positions ``wrt`` given grad_y, by
+    ``torch.func.vjp`` (so they compose with autograd's create_graph and with torch.func)."""
+    if not wrt:
+        return ()
+
+    def f(*args):
+        full = list(inputs)
+        for i, a in zip(wrt, args):
+            full[i] = a
+        return _composed(*full)
+
+    _, vjp = torch.func.vjp(f, *(inputs[i] for i in wrt))
+    return vjp(grad_y)
+
+
 def _backward(ctx, grad_y, grad_q):
     (x, weight, A, B, scaling_g, rank_scale, rank_idx, out_scale, adapter_index, row_order, adapter_rows,
      base_scale, q, seed) = ctx.saved_tensors
     scaling, p, backend, deterministic = ctx.scalars
     grads = [None] * _N_INPUTS
     if not any(ctx.needs):
+        return tuple(grads)
+    if torch.is_grad_enabled():  # create_graph=True (and torch.func): gradients with a graph of their own
+        inputs = (x, weight, None, A, B, scaling, scaling_g, rank_scale, rank_idx, out_scale, p, seed,
+                  adapter_index, row_order, adapter_rows, base_scale, backend, deterministic)
+        wrt = [i for i, n in zip(_GRAD_INPUTS, ctx.needs) if n and i != 2]  # db = colsum(g): bias is not needed
+        for i, g in zip(wrt, _vjp_of_composed(inputs, wrt, grad_y)):
+            grads[i] = g
+        if ctx.needs[2]:
+            grads[2] = grad_y.sum(0)
         return tuple(grads)
     bwd = _backward_impl if getattr(ctx, "direct", False) else _bwd
     out = bwd(grad_y.contiguous(), x, weight, A, B, scaling, scaling_g, rank_scale, rank_idx, out_scale,
@@ -283,24 +356,67 @@ class _Direct(torch.autograd.Function):
     """The eager path: the registered op's forward, context and backward, called without the
     custom-op dispatcher (whose argument handling costs more than a small layer's kernels).
     ``lora_linear`` takes it outside torch.compile for plain tensors; the registered op serves
-    torch.compile, fake and subclass tensors."""
+    torch.compile, torch.jit.trace, the meta device, fake and subclass tensors.
+
+    Supported: double backward (``create_graph=True``: the gradients are composed from
+    differentiable torch ops, ``_composed``), forward-mode AD (``torch.func.jvp``,
+    ``torch.autograd.forward_ad``: ``jvp`` below) and ``torch.func`` transforms (``setup_context``
+    style, vmap rule generated).
+    """
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, *inputs):
-        y, q = _forward_impl(*inputs)
+    def forward(*inputs):
+        return _forward_impl(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
         ctx.direct = True
-        _setup_context(ctx, inputs, (y, q))
-        return y, q
+        _setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*(t for t in inputs if isinstance(t, torch.Tensor)))
+        ctx.is_tensor = tuple(isinstance(t, torch.Tensor) for t in inputs)
+        ctx.others = tuple(None if is_t else t for t, is_t in zip(inputs, ctx.is_tensor))
 
     @staticmethod
     def backward(ctx, grad_y, grad_q):
         return _backward(ctx, grad_y, grad_q)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        """The tangent of y (q gets none: it is not differentiable): J t as the reverse-mode derivative
+        of the linear map g -> J^T g of ``_composed`` (forward-mode AD does not nest)."""
+        saved = iter(ctx.saved_tensors)
+        primals = [next(saved) if is_t else t for t, is_t in zip(ctx.others, ctx.is_tensor)]
+        wrt = [i for i, t in enumerate(tangents) if isinstance(t, torch.Tensor)]
+        y_shape = (primals[0].shape[0], primals[1].shape[0])
+        linear = lambda g: _vjp_of_composed(primals, wrt, g)  # noqa: E731  g -> J^T g
+        _, vjp_of_vjp = torch.func.vjp(linear, primals[0].new_zeros(y_shape))
+        (dy,) = vjp_of_vjp(tuple(tangents[i] for i in wrt))
+        return dy, None
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 # --------------------------------------------------------------------------- the public entry point
+
+
+def autocast_dtype(x) -> Optional[torch.dtype]:
+    """The dtype autocast casts ``x``'s device's tensors to, or None where autocast is off or does not
+    exist (the meta device has none)."""
+    dev = x.device.type if isinstance(x, torch.Tensor) else "cpu"
+    if not torch.amp.is_autocast_available(dev) or not torch.is_autocast_enabled(dev):
+        return None
+    return torch.get_autocast_dtype(dev)
+
+
+def _autocast(t, dt: torch.dtype):
+    """``t`` as autocast casts an argument of ``F.linear``: floating tensors other than float64, to ``dt``."""
+    if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+        return t.to(dt)
+    return t
+
 
 
 def lora_linear(
@@ -336,11 +452,10 @@ def lora_linear(
     ratio; ARCHITECTURE.md). ``deterministic=True`` (None: ``torch.are_deterministic_algorithms_enabled()``)
     makes every backend sum in a fixed order, so repeated calls agree bit for bit.
     """
-    if torch.is_autocast_enabled(x.device.type) if hasattr(torch, "is_autocast_enabled") else False:
-        dt = torch.get_autocast_dtype(x.device.type)
-        cast = lambda t: t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
-        x, weight, bias, lora_A, lora_B, rank_scale, out_scale, base_scale = map(
-            cast, (x, weight, bias, lora_A, lora_B, rank_scale, out_scale, base_scale))
+    dt = autocast_dtype(x)
+    if dt is not None:
+        x, weight, bias, lora_A, lora_B, rank_scale, out_scale, base_scale = (
+            _autocast(t, dt) for t in (x, weight, bias, lora_A, lora_B, rank_scale, out_scale, base_scale))
     M, K, N, R, G = _check_args(x, weight, bias, lora_A, lora_B, scaling, rank_scale, rank_mask, out_scale,
                                 dropout_p, adapter_index, base_scale)
     if deterministic is None:
@@ -356,13 +471,13 @@ def lora_linear(
     if dropout_p > 0.0:
         seed_t = torch.randint(0, 2**31 - 1, ()) if seed is None else torch.tensor(seed, dtype=torch.int64)
 
-    scaling_g = None
+    scaling_g = s0 = None  # a tensor scaling enters as a tensor (no host read: no sync, no graph break)
     if isinstance(scaling, torch.Tensor):
-        if scaling.dim() == 0:
-            scaling = float(scaling)
+        if adapter_index is not None:  # banks
+            scaling_g = scaling.detach().to(qdtype(x)).expand(G).contiguous()
         else:
-            scaling_g = scaling.detach().to(qdtype(x))
-            scaling = 1.0
+            s0 = scaling.detach()  # one adapter: folded into rank_scale below
+        scaling = 1.0
     scaling = float(scaling)
 
     rank_idx = None
@@ -373,6 +488,9 @@ def lora_linear(
         rank_idx = ranks.index  # None: every rank runs (all active, none active, or not readable here)
         if rank_idx is not None and ranks.mask.dim() == 1 and rank_scale is m:
             rank_scale = None  # the compacted ranks all have mask 1
+    if s0 is not None:
+        rank_scale = (s0.to(lora_A.dtype).expand(R).contiguous() if rank_scale is None
+                      else rank_scale * s0.to(rank_scale.dtype))
 
     row_order = adapter_rows = None
     if adapter_index is not None:
@@ -381,7 +499,10 @@ def lora_linear(
 
     lead = x.shape[:-1]
     x2 = x.reshape(M, K)
-    direct = not torch.compiler.is_compiling() and all(type(t) in _PLAIN for t in (x2, weight, lora_A, lora_B))
+    # torch.compile, torch.jit.trace (which must record the registered op), meta, fake and subclass
+    # tensors take the registered op
+    direct = (not torch.compiler.is_compiling() and not torch.jit.is_tracing() and x2.device.type != "meta"
+              and all(type(t) in _PLAIN for t in (x2, weight, lora_A, lora_B)))
     y, _ = (_Direct.apply if direct else _fwd)(x2, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale,
                                                rank_idx, out_scale, dropout_p, seed_t, adapter_index, row_order,
                                                adapter_rows, base_scale, name, deterministic)

@@ -21,18 +21,18 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 import lorakern.peft as lkpeft  # noqa: E402
-from conftest import tiny_llama  # noqa: E402
+from conftest import PEFT_LLAMA, TINY_LLAMA, tiny_llama  # noqa: E402
 from lorakern.testing import rel_err  # noqa: E402
 
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-LAYERS = 2
-LLAMA = dict(vocab_size=256, hidden_size=48, intermediate_size=80, num_hidden_layers=LAYERS, max_position_embeddings=64)
+LAYERS = TINY_LLAMA["num_hidden_layers"]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def llama(seed: int = 0, **lora) -> PeftModel:
     """A tiny Llama with PEFT LoRA on all seven projections; B random so every gradient is nonzero."""
     kw = dict(r=4, lora_alpha=8, target_modules=SEVEN, init_lora_weights=False)
-    return get_peft_model(tiny_llama(seed, **LLAMA), LoraConfig(**{**kw, **lora}))
+    return get_peft_model(tiny_llama(seed, **PEFT_LLAMA), LoraConfig(**{**kw, **lora}))
 
 
 def tokens(seed: int, batch: int = 2, seq: int = 12) -> torch.Tensor:
@@ -73,15 +73,6 @@ def fused(monkeypatch) -> list:
 @pytest.fixture(autouse=True)
 def _debug_log(caplog):
     caplog.set_level(logging.DEBUG, logger="lorakern.peft")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is faster, and far faster on a shared, busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def fallback_reasons(caplog) -> list[str]:
@@ -182,7 +173,7 @@ def test_state_dict_save_pretrained_from_pretrained(tmp_path, fused):
     assert {id(p) for p in stock.parameters()} == params
     lkpeft.unpatch(stock)
     patched.save_pretrained(tmp_path)
-    loaded = PeftModel.from_pretrained(tiny_llama(5, **LLAMA), tmp_path)  # a different random base
+    loaded = PeftModel.from_pretrained(tiny_llama(5, **PEFT_LLAMA), tmp_path)  # a different random base
     loaded.base_model.model.load_state_dict(patched.base_model.model.state_dict(), strict=False)
     assert lkpeft.patch(loaded) == 7 * LAYERS
     ids = tokens(0)
@@ -373,7 +364,7 @@ def test_dora_with_dropout_falls_back_in_training_and_fuses_in_eval(fused, caplo
     assert len(fused) == 7 * LAYERS
 
 
-def test_bf16_base_fp32_adapters_fall_back_outside_autocast_and_fuse_under_it(fused, caplog):
+def test_bf16_base_fp32_adapters_fuse_outside_autocast_and_under_it(fused, caplog):
     model = llama()
     model.base_model.model.to(torch.bfloat16)
     for n, p in model.named_parameters():
@@ -381,8 +372,9 @@ def test_bf16_base_fp32_adapters_fall_back_outside_autocast_and_fuse_under_it(fu
             p.data = p.data.float()  # PEFT's autocast_adapter_dtype: bf16 base, fp32 adapters
     stock, patched = stock_and_patched(model)
     ids = tokens(9)
-    assert rel_err(logits(patched, ids), logits(stock, ids)) <= 1e-6
-    assert not fused and any("several dtypes" in r for r in fallback_reasons(caplog))
+    assert rel_err(logits(patched, ids), logits(stock, ids)) <= 2e-2  # the op's mixed precision
+    assert len(fused) == 7 * LAYERS and not fallback_reasons(caplog)
+    fused.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, ref = logits(patched, ids), logits(stock, ids)
     assert len(fused) == 7 * LAYERS

@@ -105,42 +105,54 @@ def _base(x, weight, bias, base_scale):
 def forward(pb: Problem, op: Operands, kept: Callable = kept) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, q): base GEMM into y, then the rank-r update added in place. ``kept`` makes the
     dropped input (the ``cpu`` backend passes its native one)."""
+    y = _base(op.x, op.weight, op.bias, op.base_scale)
+    return y, add_update(pb, op, y, kept)
+
+
+def add_update(pb: Problem, op: Operands, y: torch.Tensor, kept: Callable = kept) -> torch.Tensor:
+    """y [M, N] += the rank-r update, in place; returns q [M, Ra]. ``op.weight`` and ``op.bias``
+    are not read (``lorakern.update`` hands the output of a base layer the op cannot compute)."""
     x = op.x
-    y = _base(x, op.weight, op.bias, op.base_scale)
     xk, _, inv = kept(x, pb.dropout_p, pb.seed)
     A, B, u = _pick_ranks(op.lora_A, op.lora_B, op.rank_scale, op.rank_idx)
     if not pb.banked:
-        q = _as(torch.mm(xk, A.T), qdtype(x)).mul_(inv)
+        q = _as(torch.mm(_as(xk, A.dtype), A.T), qdtype(x)).mul_(inv)
         Bv = B if op.out_scale is None else B * op.out_scale[:, None]
-        y.addmm_(_as(q * _rank_factor(pb.scaling, u), y.dtype), Bv.T)
-        return y, q
+        t = q * _rank_factor(pb.scaling, u)
+        if Bv.dtype == y.dtype:
+            y.addmm_(_as(t, y.dtype), Bv.T)
+        else:  # adapters in their own dtype (fp32): the update in it, added to y and rounded once, as PEFT
+            y.add_(torch.mm(_as(t, Bv.dtype), Bv.T))
+        return q
     q = torch.zeros(x.shape[0], A.shape[-2], device=x.device, dtype=qdtype(x))
     for g, rows in _groups(op, pb.G):
         s, ug, vg = _adapter_args(g, pb.scaling, op.scaling_g, u, op.out_scale)
-        qg = torch.mm(xk[rows], A[g].T).to(q.dtype).mul_(inv)
+        qg = torch.mm(_as(xk[rows], A.dtype), A[g].T).to(q.dtype).mul_(inv)
         q[rows] = qg
         Bv = B[g] if vg is None else B[g] * vg[:, None]
-        y.index_add_(0, rows, torch.mm((qg * _rank_factor(s, ug)).to(y.dtype), Bv.T))
-    return y, q
+        y.index_add_(0, rows, _as(torch.mm(_as(qg * _rank_factor(s, ug), Bv.dtype), Bv.T), y.dtype))
+    return q
 
 
 def _adapter_grads(g, xk, q, A, B, s, u, v, inv, needs: Needs):
     """Gradients of one adapter over its rows: (dq / (1-p), dA, dB, du, dv) over the active ranks.
 
     ``xk`` is x times the keep-mask, unscaled; ``inv`` = 1 / (1 - p) is folded into dq instead.
-    dt = g (v B) is computed only for what needs it (dx, dA, du).
+    dt = g (v B) is computed only for what needs it (dx, dA, du). The products run in the adapters'
+    dtype ``A.dtype`` (x's, or fp32 beside a half-precision x, as PEFT's fp32 branch computes them).
     """
+    wide = A.dtype
     f = _rank_factor(s, u)
     t = q * f
     dt = dqk = None
     if needs.x or needs.lora_A or needs.rank_scale:
         Bv = B if v is None else B * v[:, None]
-        dt = _as(torch.mm(g, _as(Bv, g.dtype)), q.dtype)
+        dt = _as(torch.mm(_as(g, wide), _as(Bv, wide)), q.dtype)
         dqk = dt * (f * inv)
-    dA = torch.mm(_as(dqk.T, xk.dtype), xk) if needs.lora_A else None
+    dA = torch.mm(_as(dqk.T, wide), _as(xk, wide)) if needs.lora_A else None
     dB = dv = None
     if needs.lora_B or needs.out_scale:
-        P = _as(torch.mm(_as(t.T, g.dtype), g).T, q.dtype)  # g^T t, [N, Ra]: serves dB and dv
+        P = _as(torch.mm(_as(t.T, wide), _as(g, wide)).T, q.dtype)  # g^T t, [N, Ra]: serves dB and dv
         if needs.lora_B:
             dB = P if v is None else P * _as(v[:, None], P.dtype)
         if needs.out_scale:
@@ -150,30 +162,36 @@ def _adapter_grads(g, xk, q, A, B, s, u, v, inv, needs: Needs):
 
 
 def add_adapter_dx(dx, dqk, A, keep, rows) -> None:
-    """dx[rows] += (dq A) * keep (all rows when ``rows`` is None; no mask when ``keep`` is None), in place."""
-    if keep is None and rows is None:
+    """dx[rows] += (dq A) * keep (all rows when ``rows`` is None; no mask when ``keep`` is None), in place.
+
+    dq A is computed in A's dtype (fp32 adapters beside a half-precision dx: in fp32, rounded once
+    when added)."""
+    if keep is None and rows is None and A.dtype == dx.dtype:
         dx.addmm_(_as(dqk, dx.dtype), A)
         return
-    dxa = torch.mm(_as(dqk, dx.dtype), A)
+    dxa = torch.mm(_as(dqk, A.dtype), A)
     if keep is not None:
         dxa = torch.where(keep if rows is None else keep[rows], dxa, 0)
     if rows is None:
         dx.add_(dxa)
     else:
-        dx.index_add_(0, rows, dxa)
+        dx.index_add_(0, rows, _as(dxa, dx.dtype))
 
 
 def backward(pb: Problem, op: Operands, grad_y: torch.Tensor, q: torch.Tensor, needs: Needs,
              kept: Callable = kept, add_dx: Callable = add_adapter_dx) -> Grads:
     """Gradients per the op's formula; nothing is computed for a frozen input. ``kept`` and
-    ``add_dx`` are the masked passes (the ``cpu`` backend passes its native ones)."""
+    ``add_dx`` are the masked passes (the ``cpu`` backend passes its native ones). Without a weight
+    (``op.weight`` None: ``lorakern.update``), dx is the adapter's term alone."""
     x, weight, g = op.x, op.weight, grad_y
     dc = base_scale_grad(g, x, weight).to(op.base_scale.dtype) if needs.base_scale else None
     # the base path's upstream gradient
     gc = g * op.base_scale if op.base_scale is not None and (needs.x or needs.weight) else g
     xk, keep, inv = kept(x, pb.dropout_p, pb.seed)
     A, B, u = _pick_ranks(op.lora_A, op.lora_B, op.rank_scale, op.rank_idx)
-    dx = torch.mm(gc, weight) if needs.x else None
+    dx = None
+    if needs.x:
+        dx = torch.mm(gc, weight) if weight is not None else torch.zeros(x.shape, dtype=x.dtype, device=x.device)
     if not pb.banked and op.rank_idx is None:  # one adapter, every rank: its gradients as they come
         dqk, dA, dB, du, dv = _adapter_grads(g, xk, q, A, B, pb.scaling, u, op.out_scale, inv, needs)
         if dx is not None:

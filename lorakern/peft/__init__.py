@@ -9,6 +9,6 @@ adapters as a checkpoint ``peft.PeftModel.from_pretrained`` loads.
 28
 """
 from lorakern.peft.export import save_peft
-from lorakern.peft.layer import disable, enable, is_enabled, patch, unpatch
+from lorakern.peft.layer import Report, disable, enable, is_enabled, patch, report, unpatch
 
-__all__ = ["patch", "unpatch", "enable", "disable", "is_enabled", "save_peft"]
+__all__ = ["patch", "unpatch", "enable", "disable", "is_enabled", "report", "Report", "save_peft"]

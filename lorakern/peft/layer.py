@@ -12,19 +12,20 @@ active adapters and ``adapter_names`` mixed batches keep working. Only ``forward
 
 DoRA (one active adapter, without dropout or in eval) is fused too: PEFT's own weight norm (its
 cache included) gives the ratio ``m / ||W + s B A||``, which enters the op as ``base_scale`` and
-``out_scale``. A call that cannot be fused runs PEFT's own forward and says why in a debug log
-line (``logging.getLogger("lorakern.peft").setLevel(logging.DEBUG)``): DoRA with dropout in
-training (PEFT feeds the dropped input to the base path too), other LoRA variants,
-``lora_bias``, quantized or hooked base layers, dropout modules other than ``nn.Dropout``,
-several active adapters with dropout, extra forward arguments, tensors of several dtypes outside
-autocast (PEFT computes the adapter branch in the adapters' dtype; the op computes everything in
-one dtype, so it fuses there only under autocast, which casts everything as it would for PEFT),
-merged or disabled adapters (the base alone runs then). GPT-2's ``Conv1D`` base layers
-(``fan_in_fan_out``) are fused exactly, through a transposed view.
+``out_scale``. PEFT's default precision (a bf16 / fp16 base, fp32 adapters, no autocast) is fused
+as PEFT computes it (the op's mixed precision). A base layer the op cannot compute (a quantized
+``nn.Linear`` subclass, a hooked or custom base) runs itself, and ``lorakern.lora_update`` adds
+the adapters into its output (dropout fused, nothing M x K saved). A call that cannot be fused
+runs PEFT's own forward, is counted in the layer's counters (``report(model)`` gives the table;
+``patch`` logs it at INFO) and says why in a debug log line: DoRA with dropout in training (PEFT
+feeds the dropped input to the base path too), DoRA with fp32 adapters beside a half-precision
+x, other LoRA variants, ``lora_bias``, dropout modules other than ``nn.Dropout``, several active
+adapters with dropout, extra forward arguments, merged or disabled adapters (the base alone runs
+then), and over a base the op cannot compute: autocast, DoRA, ``adapter_names``. GPT-2's
+``Conv1D`` base layers (``fan_in_fan_out``) are fused exactly, through a transposed view.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from typing import Any, Optional
@@ -33,9 +34,11 @@ import torch
 from torch import nn
 
 from lorakern.batch import AdapterBatch
-from lorakern.ops import lora_linear
+from lorakern.ops import adapter_dtypes, lora_linear
+from lorakern.update import lora_update
 
 try:
+    from peft.tuners.lora.layer import LoraLayer
     from peft.tuners.lora.layer import Linear as PeftLoraLinear
 except ImportError as e:  # pragma: no cover - peft is an optional dependency
     raise ImportError("lorakern.peft needs the peft package (pip install peft)") from e
@@ -45,7 +48,7 @@ try:
 except ImportError:  # pragma: no cover - transformers is optional
     Conv1D = None
 
-__all__ = ["patch", "unpatch", "enable", "disable", "is_enabled", "AdapterNames"]
+__all__ = ["patch", "unpatch", "enable", "disable", "is_enabled", "report", "Report", "AdapterNames"]
 
 logger = logging.getLogger(__name__)
 
@@ -115,13 +118,51 @@ def _adapter(layer: PeftLoraLinear, name: str, x: torch.Tensor) -> tuple[Any, st
     if dora and p > 0 and layer.training:
         return None, f"DoRA adapter {name!r} with dropout in training (PEFT drops the base path's input too)"
     A, B = a.weight, b.weight
-    if A.device != x.device or B.device != x.device:
+    if x is not None and (A.device != x.device or B.device != x.device):
         return None, f"adapter {name!r} is on {A.device}, x on {x.device}"
-    return (A, B, float(layer.scaling[name]), p, dora), ""
+    s = layer.scaling[name]  # a tensor (PEFT's compiled hot-swapping) stays one: no host read, no guard
+    return (A, B, s if isinstance(s, torch.Tensor) else float(s), p, dora), ""
 
 
-def _one_dtype(x: torch.Tensor, tensors) -> bool:
-    return torch.is_autocast_enabled(x.device.type) or all(t.dtype == x.dtype for t in tensors)
+def _dtype_reason(x: torch.Tensor, weight: Optional[torch.Tensor], As, Bs, dora: bool) -> str:
+    """Why the op cannot take these dtypes outside autocast ("" when it can): x and the base weight in
+    one dtype; the adapters in one dtype, x's or fp32 beside a half-precision x (PEFT's default);
+    DoRA in one dtype throughout."""
+    if weight is not None and weight.dtype != x.dtype:
+        return f"x in {str(x.dtype)[6:]}, base weight in {str(weight.dtype)[6:]}, outside autocast"
+    ad = {t.dtype for t in (*As, *Bs)}
+    if len(ad) > 1 or next(iter(ad)) not in adapter_dtypes(x.dtype):
+        dts = ", ".join(sorted(str(d)[6:] for d in ad))
+        return f"adapters in {dts} beside x in {str(x.dtype)[6:]}, outside autocast"
+    if dora and ad != {x.dtype}:
+        return f"DoRA with adapters in {str(As[0].dtype)[6:]} beside x in {str(x.dtype)[6:]}, outside autocast"
+    return ""
+
+
+def _on_base_output(layer: PeftLoraLinear, x: torch.Tensor, As, Bs, scalings, ps) -> tuple[Optional[torch.Tensor], str]:
+    """A base layer the op cannot compute (quantized, hooked, custom): it runs as PEFT runs it, and
+    ``lora_update`` adds the adapters into its output."""
+    if torch.is_autocast_enabled(x.device.type):
+        return None, "a base layer the op cannot compute, under autocast"
+    if any(isinstance(s, torch.Tensor) for s in scalings):
+        return None, "a tensor scaling over a base layer the op cannot compute"
+    y = layer.base_layer(x)
+    if not isinstance(y, torch.Tensor) or y.dtype != x.dtype or y.shape[:-1] != x.shape[:-1]:
+        return None, f"base layer {type(layer.base_layer).__name__} returns other than x's dtype and rows"
+    A, B, s, u = _as_one_adapter(As, Bs, scalings, x.device)
+    return lora_update(x, y.contiguous(), A, B, scaling=s, rank_scale=u, dropout_p=ps[0]), ""
+
+
+def _as_one_adapter(As, Bs, scalings, device) -> tuple:
+    """(A, B, scaling, rank_scale): several adapters at once are one adapter of the concatenated
+    ranks, each rank scaled by its own adapter's s."""
+    if len(As) == 1:
+        return As[0], Bs[0], scalings[0], None
+    A, B = torch.cat(As), torch.cat(Bs, dim=1)
+    if len(set(scalings)) == 1:
+        return A, B, scalings[0], None
+    u = torch.tensor([s for s, a in zip(scalings, As) for _ in range(a.shape[0])], device=device, dtype=A.dtype)
+    return A, B, 1.0, u
 
 
 def _fused(layer: PeftLoraLinear, x: torch.Tensor, args: tuple, kwargs: dict) -> tuple[Optional[torch.Tensor], str]:
@@ -133,11 +174,8 @@ def _fused(layer: PeftLoraLinear, x: torch.Tensor, args: tuple, kwargs: dict) ->
         return None, "adapters disabled or merged: the base alone runs"
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < (1 if adapter_names is None else 2):
         return None, "x is not a floating tensor of the right rank"
-    weight = _base_weight(layer.base_layer)
-    if weight is None:
-        return None, f"base layer {type(layer.base_layer).__name__} is not a plain nn.Linear or Conv1D"
-    bias = layer.base_layer.bias
-    if weight.device != x.device:
+    weight = _base_weight(layer.base_layer)  # None: the base layer runs itself (_on_base_output)
+    if weight is not None and weight.device != x.device:
         return None, f"base weight on {weight.device}, x on {x.device}"
     if adapter_names is None:
         names = [n for n in layer.active_adapters if n in layer.lora_A]
@@ -155,25 +193,24 @@ def _fused(layer: PeftLoraLinear, x: torch.Tensor, args: tuple, kwargs: dict) ->
     As, Bs, scalings, ps, doras = zip(*adapters)
     if any(doras) and (len(adapters) > 1 or adapter_names is not None):
         return None, "DoRA with several adapters in one call"
-    mags = [layer.lora_magnitude_vector[n].weight for n, d in zip(names, doras) if d]
-    if not _one_dtype(x, (weight, *As, *Bs, *mags)):
-        dts = sorted({str(t.dtype)[6:] for t in (x, weight, *As, *Bs, *mags)})
-        return None, f"several dtypes ({', '.join(dts)}) outside autocast"
+    if not torch.is_autocast_enabled(x.device.type):
+        why = _dtype_reason(x, weight, As, Bs, any(doras))
+        if why:
+            return None, why
+    if len(adapters) > 1 and any(ps) and adapter_names is None:
+        return None, "several active adapters with dropout (PEFT draws one mask per adapter)"
+    if weight is None:
+        if any(doras) or adapter_names is not None:
+            return None, "DoRA or adapter_names over a base layer the op cannot compute"
+        return _on_base_output(layer, x, As, Bs, scalings, ps)
+    bias = layer.base_layer.bias
     if adapter_names is not None:
         return _mixed_batch(x, weight, bias, names, As, Bs, scalings, ps, adapter_names)
     if doras[0]:
         ratio = _dora_ratio(layer, names[0], x, scalings[0])
         return lora_linear(x, weight, bias, As[0], Bs[0], scaling=scalings[0], base_scale=ratio, out_scale=ratio), ""
-    if len(adapters) == 1:
-        return lora_linear(x, weight, bias, As[0], Bs[0], scaling=scalings[0], dropout_p=ps[0]), ""
-    if any(ps):
-        return None, "several active adapters with dropout (PEFT draws one mask per adapter)"
-    # several adapters at once = one adapter of the concatenated ranks, each rank scaled by its own
-    A, B = torch.cat(As), torch.cat(Bs, dim=1)
-    if len(set(scalings)) == 1:
-        return lora_linear(x, weight, bias, A, B, scaling=scalings[0]), ""
-    u = torch.tensor([s for s, a in zip(scalings, As) for _ in range(a.shape[0])], device=x.device, dtype=A.dtype)
-    return lora_linear(x, weight, bias, A, B, rank_scale=u), ""
+    A, B, s, u = _as_one_adapter(As, Bs, scalings, x.device)
+    return lora_linear(x, weight, bias, A, B, scaling=s, rank_scale=u, dropout_p=ps[0]), ""
 
 
 class AdapterNames(list):
@@ -228,9 +265,89 @@ def _mixed_batch(x, weight, bias, names, As, Bs, scalings, ps, adapter_names) ->
     return lora_linear(x, weight, bias, A, B, scaling=s, dropout_p=ps[0], adapter_index=batch), ""
 
 
+FUSED = "fused"
+
+
+def _count(layer: nn.Module, outcome: str) -> None:
+    """One more call of ``layer`` with ``outcome`` (FUSED or the fallback's reason), per mode, in the
+    layer's own counters (``layer._lorakern_calls``: {(training, outcome): calls}); not while
+    torch.compile traces (a mutated dict would be guarded on)."""
+    if not torch.compiler.is_compiling():
+        calls = layer.__dict__.setdefault("_lorakern_calls", {})
+        key = (layer.training, outcome)
+        calls[key] = calls.get(key, 0) + 1
+
+
+def _static_reason(layer: PeftLoraLinear) -> str:
+    """Why the layer's active adapters cannot be fused whatever x is ("" when they can)."""
+    for name in (n for n in layer.active_adapters if n in layer.lora_A):
+        ad, why = _adapter(layer, name, None)
+        if ad is None:
+            return why
+    return ""
+
+
+class Report:
+    """What ``patch`` made of a model's LoRA layers, and what their calls did since.
+
+    ``layers``: {outcome: layers}, outcome FUSED or the reason the layer cannot be fused (not
+    patched, an unsupported adapter); ``calls``: {outcome: {"train": calls, "eval": calls}} summed
+    over the layers' counters. ``str(report)`` is the table ``patch`` logs at INFO.
+    """
+
+    def __init__(self, layers: dict, calls: dict) -> None:
+        self.layers, self.calls = layers, calls
+
+    @property
+    def fused(self) -> int:
+        return self.layers.get(FUSED, 0)
+
+    def fallbacks(self) -> int:
+        """Calls (train and eval) that ran PEFT's own forward."""
+        return sum(c["train"] + c["eval"] for k, c in self.calls.items() if k != FUSED)
+
+    def __str__(self) -> str:
+        rows = [f"{sum(self.layers.values())} LoRA layers: {self.fused} fused"]
+        rows += [f"  {n} not fused: {why}" for why, n in self.layers.items() if why != FUSED]
+        if self.calls:
+            rows.append("  calls (train / eval):")
+            rows += [f"    {c['train']} / {c['eval']}  {why}" for why, c in self.calls.items()]
+        return "\n".join(rows)
+
+    __repr__ = __str__
+
+
+def report(model: nn.Module) -> Report:
+    """The table of ``model``'s PEFT LoRA layers: how many run fused, the reasons for the rest, and the
+    calls counted since ``patch`` (fused, and each fallback's reason, in training and in eval).
+
+    >>> print(lorakern.peft.report(peft_model))  # doctest: +SKIP
+    14 LoRA layers: 14 fused
+      calls (train / eval):
+        28 / 14  fused
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    layers: dict = {}
+    calls: dict = {}
+    for m in model.modules():
+        if not isinstance(m, LoraLayer):
+            continue
+        if not (_is_patched(m) or (isinstance(m, PeftLoraLinear) and is_enabled())):
+            why = f"not patched ({type(m).__module__}.{type(m).__qualname__} has its own forward)"
+        else:
+            why = _static_reason(m) or FUSED
+        layers[why] = layers.get(why, 0) + 1
+        for (training, outcome), n in m.__dict__.get("_lorakern_calls", {}).items():
+            c = calls.setdefault(outcome, {"train": 0, "eval": 0})
+            c["train" if training else "eval"] += n
+    return Report(layers, calls)
+
+
 def _forward(self: PeftLoraLinear, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """PEFT's ``lora.Linear.forward``, fused where the op can compute it exactly."""
     y, why = _fused(self, x, args, kwargs)
+    _count(self, why or FUSED)
     if y is not None:
         return y
     if logger.isEnabledFor(logging.DEBUG):
@@ -238,9 +355,47 @@ def _forward(self: PeftLoraLinear, x: torch.Tensor, *args: Any, **kwargs: Any) -
     return _PEFT_FORWARD(self, x, *args, **kwargs)
 
 
+def _process_forward(self: PeftLoraLinear, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """PEFT's class forward while ``enable()`` is in effect. It reads the module global ``_ENABLED``,
+    which torch.compile guards (a class attribute it does not), so ``disable()`` reaches compiled code."""
+    if _ENABLED:
+        return _forward(self, x, *args, **kwargs)
+    return _PEFT_FORWARD(self, x, *args, **kwargs)
+
+
+_ENABLED = False
+_FUSED_CLASSES: dict = {}  # PEFT layer class -> its fused subclass
+
+
+def _new_fused(cls: type) -> nn.Module:
+    """An empty instance of ``cls``'s fused subclass: what unpickling and copying a patched layer make."""
+    return object.__new__(_fused_class(cls))
+
+
+def _reduce_ex(self: nn.Module, protocol: int):
+    # the generated class has no importable name: rebuild it from PEFT's class, which has one
+    _, _, *rest = object.__reduce_ex__(self, max(protocol, 2))
+    return (_new_fused, (type(self).__dict__["_lorakern_peft_class"],), *rest)
+
+
+def _fused_class(cls: type) -> type:
+    """The subclass of PEFT's layer class ``cls`` whose forward is fused, made once per class.
+
+    ``patch`` swaps a layer's class to it and ``unpatch`` back: nothing is stored in the instance
+    (no reference cycle: a deleted model is freed at once), and copies (``copy``, ``deepcopy``,
+    pickling, ``nn.DataParallel``'s replicas) run their own parameters fused.
+    """
+    fused = _FUSED_CLASSES.get(cls)
+    if fused is None:
+        fused = type(cls.__name__, (cls,), {"forward": _forward, "__reduce_ex__": _reduce_ex,
+                                             "_lorakern_peft_class": cls, "__module__": cls.__module__,
+                                             "__qualname__": cls.__qualname__, "__doc__": cls.__doc__})
+        _FUSED_CLASSES[cls] = fused
+    return fused
+
+
 def _is_patched(module: nn.Module) -> bool:
-    f = module.__dict__.get("forward")
-    return isinstance(f, functools.partial) and f.func is _forward
+    return "_lorakern_peft_class" in type(module).__dict__
 
 
 def patch(model: nn.Module) -> int:
@@ -257,18 +412,18 @@ def patch(model: nn.Module) -> int:
     for name, m in model.named_modules():
         if not isinstance(m, PeftLoraLinear):
             continue
-        if type(m).forward not in (_PEFT_FORWARD, _forward):
+        if _is_patched(m):
+            count += 1
+            continue
+        if type(m).forward not in (_PEFT_FORWARD, _process_forward):
             logger.warning("lorakern.peft: %s (%s) has its own forward: left alone", name, type(m).__name__)
             continue
-        if _base_weight(m.base_layer) is None:
-            logger.warning("lorakern.peft: %s: base layer %s is not a plain nn.Linear or Conv1D: left alone",
-                           name, type(m.base_layer).__name__)
-            continue
-        if not _is_patched(m):
-            m.forward = functools.partial(_forward, m)  # unlike a bound method, it pickles and deep-copies
+        m.__class__ = _fused_class(type(m))
         count += 1
     if count and _wrap_adapter_names not in model._forward_pre_hooks.values():
         model.register_forward_pre_hook(_wrap_adapter_names, with_kwargs=True)
+    if logger.isEnabledFor(logging.INFO):
+        logger.info("lorakern.peft.patch: %s", report(model))
     return count
 
 
@@ -282,7 +437,7 @@ def unpatch(model: nn.Module) -> int:
     count = 0
     for m in model.modules():
         if _is_patched(m):
-            del m.forward
+            m.__class__ = type(m).__dict__["_lorakern_peft_class"]
             count += 1
     for key in [k for k, hook in model._forward_pre_hooks.items() if hook is _wrap_adapter_names]:
         del model._forward_pre_hooks[key]
@@ -297,14 +452,19 @@ def enable() -> None:
 
     >>> lorakern.peft.enable()  # doctest: +SKIP
     """
-    PeftLoraLinear.forward = _forward
+    global _ENABLED
+    _ENABLED = True
+    PeftLoraLinear.forward = _process_forward
 
 
 def disable() -> None:
-    """Undo ``enable()``: PEFT's ``lora.Linear`` runs its own forward again (patched models stay patched)."""
+    """Undo ``enable()``: PEFT's ``lora.Linear`` runs its own forward again (patched models stay
+    patched). Compiled models see it too: their fused forward reads a flag torch.compile guards."""
+    global _ENABLED
+    _ENABLED = False
     PeftLoraLinear.forward = _PEFT_FORWARD
 
 
 def is_enabled() -> bool:
     """Whether ``enable()`` is in effect."""
-    return PeftLoraLinear.forward is _forward
+    return _ENABLED

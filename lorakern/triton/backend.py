@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from lorakern import alloc
-from lorakern.backends.interface import Grads, Needs, Operands, Problem, base_scale_grad
+from lorakern.backends.interface import Grads, Needs, Operands, Problem, adapters_as_x, base_scale_grad, grads_as
 from lorakern.triton import configs
 from lorakern.triton.backward import dA_kernel, dx_kernel, gpass_kernel
 from lorakern.triton.fused_gemm import lora_fwd_kernel
@@ -130,7 +130,9 @@ def _launch_opts(cfg: dict, dtype: torch.dtype) -> dict:
 
 
 def forward(pb: Problem, op: Operands) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, q) per ARCHITECTURE.md: y [M, N] in x's dtype, q fp32 [M, Ra]."""
+    """(y, q) per ARCHITECTURE.md: y [M, N] in x's dtype, q fp32 [M, Ra]. Adapters in another dtype
+    than x (fp32 beside fp16 / bf16) enter the kernels rounded to x's dtype (``adapters_as_x``)."""
+    op = adapters_as_x(op)
     x, weight, bias, lora_A, lora_B, base_scale = op.x, op.weight, op.bias, op.lora_A, op.lora_B, op.base_scale
     _check(x)
     M, K, N, seed = pb.M, pb.K, pb.N, pb.seed
@@ -225,7 +227,9 @@ def _row_reduce(X, rowv, out, ad: _Adapter, ptrs: dict, flags: dict, p: float, s
 
 
 def backward(pb: Problem, op: Operands, grad_y: torch.Tensor, q: torch.Tensor, needs: Needs) -> Grads:
-    """Gradients per ARCHITECTURE.md; None where ``needs`` says so."""
+    """Gradients per ARCHITECTURE.md; None where ``needs`` says so; each in its input's dtype (fp32
+    adapters: computed with the adapters rounded to x's dtype, as forward, returned in fp32)."""
+    given, op = op, adapters_as_x(op)
     x, weight, lora_A, lora_B, base_scale = op.x, op.weight, op.lora_A, op.lora_B, op.base_scale
     rank_scale, out_scale, deterministic = op.rank_scale, op.out_scale, pb.deterministic
     _check(x)
@@ -334,4 +338,4 @@ def backward(pb: Problem, op: Operands, grad_y: torch.Tensor, q: torch.Tensor, n
     dW = torch.mm((g if base_scale is None else g * base_scale).t(), x) if n_w else None
     db = db.to(x.dtype) if db is not None else None
     dc = base_scale_grad(g, x, weight).to(base_scale.dtype) if n_c else None
-    return Grads(dx, dW, db, dA, dB, du, dv, dc)
+    return grads_as(Grads(dx, dW, db, dA, dB, du, dv, dc), given)
