@@ -53,7 +53,8 @@ def bench(M: int, K: int, N: int, R: int, p: float):
             torch.autograd.grad(f(), [x, A, B] if f is ours else [x], gy)
         return run
 
-    return {name: (timing.median_ms(f, dev), timing.median_ms(fb(f), dev)) for name, f in (("base", base), ("cuda", ours))}
+    return {name: (timing.median_ms(f, dev), timing.median_ms(fb(f), dev))
+            for name, f in (("base", base), ("cuda", ours))}
 
 
 def stage_paths(dt: torch.dtype) -> int:

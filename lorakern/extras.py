@@ -65,7 +65,8 @@ def _message(errors: dict, purpose: str, extra: Optional[str]) -> str:
     why = "; ".join(f"{type(e).__name__}: {e}" for e in errors.values())
     extras = extra or ",".join(dict.fromkeys(EXTRAS.get(m.split(".")[0], "all") for m in errors))
     does, it = ("does", "it") if len(errors) == 1 else ("do", "them")
-    return f'{purpose} needs {names}, which {does} not import here ({why}); install {it} with: pip install "lorakern[{extras}]"'
+    return (f"{purpose} needs {names}, which {does} not import here ({why}); "
+            f'install {it} with: pip install "lorakern[{extras}]"')
 
 
 @contextlib.contextmanager
