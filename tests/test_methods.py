@@ -1,9 +1,12 @@
-"""lorakern.methods on a tiny Llama built from a config (no downloads), fp32 on CPU.
+"""lorakern.methods on a tiny Llama (and a tiny T5) built from a config (no downloads), fp32 on CPU.
 
 Trainable counts against each method's formula, a few training steps per method (the loss
 falls, frozen weights stay bitwise), parity with stock PEFT (outputs and gradients) for LoRA,
-rsLoRA, VeRA, AdaLoRA and DoRA, AdaLoRA's budget and mask against PEFT's RankAllocator,
-RefLoRA's refactoring in float64, CG-LoRA's shifted base, and state-dict round trips.
+rsLoRA, VeRA, AdaLoRA and DoRA, AdaLoRA's budget and mask against PEFT's RankAllocator and a
+whole AdaLoRA training run against PEFT's, pruned triplets that keep their gradient, IGU-LoRA's
+path point, weighted budget and defaults (withyou12/igulora), Tied-LoRA's tie groups on a T5 and
+its parameter formula, RefLoRA's refactoring in float64 and its reference options, CG-LoRA's
+rank-r curvature-whitened step (shifted and not), PiSSA's fast SVD, and state-dict round trips.
 """
 from __future__ import annotations
 
@@ -34,12 +37,17 @@ METHODS = {
     "pissa": lambda: LoRA(r=R, lora_alpha=8, target_modules=SEVEN, init="pissa"),
     "tied-tl5": lambda: TiedLoRA(r=R, target_modules=SEVEN, trainable="TL5"),
     "tied-tl6": lambda: TiedLoRA(r=R, target_modules=SEVEN),
+    "pissa-fast": lambda: LoRA(r=R, lora_alpha=8, target_modules=SEVEN, init_lora_weights="pissa_niter_2"),
     "vera": lambda: VeRA(r=16, target_modules=SEVEN),
     "adalora": lambda: AdaLoRA(init_r=R, target_r=2, total_step=6, tinit=1, tfinal=2, target_modules=SEVEN),
-    "igulora": lambda: IGULoRA(init_r=R, target_r=2, total_step=6, tinit=1, tfinal=2, target_modules=SEVEN),
+    "igulora": lambda: IGULoRA(init_r=R, target_r=2, total_step=6, tinit=1, tfinal=2, deltaT=1, lora_alpha=8,
+                               lora_dropout=0.0, target_modules=SEVEN),
     "reflora": lambda: RefLoRA(r=R, lora_alpha=8, target_modules=SEVEN, warmup_steps=2),
     "reflora-s": lambda: RefLoRA(r=R, lora_alpha=8, target_modules=SEVEN, variant="s", warmup_steps=2),
+    "reflora-reinit": lambda: RefLoRA(r=R, lora_alpha=8, target_modules=SEVEN, warmup_steps=0, interval=2,
+                                      re_init=True),
     "cglora": lambda: CGLoRA(r=R, lora_alpha=8, target_modules=SEVEN),
+    "cglora-noshift": lambda: CGLoRA(r=R, lora_alpha=8, target_modules=SEVEN, shift=False, step=0.1),
     "dora": lambda: DoRA(r=R, lora_alpha=8, target_modules=SEVEN),
 }
 
@@ -72,7 +80,7 @@ def trainable(model: nn.Module) -> int:
 def adapted(name: str, seed: int = 0) -> tuple[object, nn.Module]:
     m = METHODS[name]()
     model = m.apply(llama(seed))
-    if name == "cglora":
+    if name.startswith("cglora"):
         m.initialize(model, [batch(1), batch(2)])
     return m, model
 
@@ -110,8 +118,9 @@ FORMULAS = {
     "tied-tl6": lambda: _tied_count("ABuv"),
     "adalora": lambda: sum(R * (k + n) + R for k, n in shapes().values()),
 }
-FORMULAS.update({"rslora": FORMULAS["lora"], "pissa": FORMULAS["lora"], "reflora": FORMULAS["lora"],
-                 "reflora-s": FORMULAS["lora"], "cglora": FORMULAS["lora"], "igulora": FORMULAS["adalora"]})
+FORMULAS.update({name: FORMULAS["lora"] for name in ("rslora", "pissa", "pissa-fast", "reflora", "reflora-s",
+                                                     "reflora-reinit", "cglora", "cglora-noshift")})
+FORMULAS["igulora"] = FORMULAS["adalora"]
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -167,11 +176,24 @@ def test_training_lowers_the_loss_and_keeps_frozen_weights(name):
             assert p.grad is None
     state = dict(model.named_parameters()) | dict(model.named_buffers())
     assert all(torch.equal(state[n], v) for n, v in frozen.items())
-    if name in ("adalora", "igulora"):
+    if name == "adalora":
         assert m.step == 6 and m.active_ranks(model) == 2 * len(m.layers(model))
+    if name == "igulora":  # a budget in parameters: 2 ranks' worth of every layer
+        kept = sum((lay.in_features + lay.out_features) * int(lay.rank_mask.sum()) for _, lay in m.layers(model))
+        assert m.step == 6 and m.budget(6)[0] - 192 < kept <= m.budget(6)[0]
 
 
-def test_adalora_masked_ranks_drop_out_of_the_output():
+def _loss_step(model, m, data, opt) -> float:
+    loss = model(**data).loss + m.regularization(model)
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return loss.item()
+
+
+def test_adalora_pruned_triplets_keep_their_gradient_and_come_back():
+    """Paper Sec. 3 and PEFT: pruning zeroes E only, so E keeps its gradient (the op's rank_mask
+    would remove the rank from the op: no gradient, never back) until the allocation is final."""
     m, model = adapted("adalora")
     layer = model.model.layers[0].mlp.up_proj
     with torch.no_grad():
@@ -179,15 +201,66 @@ def test_adalora_masked_ranks_drop_out_of_the_output():
             lay.lora_B.normal_()
             lay.rank_scale.normal_()
         mask = layer.rank_mask
-        m.allocate(m.budget(3)[0])  # all-zero scores: PEFT's rule masks them all
-    assert layer.rank_mask is mask and not mask.any()  # updated in place, the op's cache sees it
-    with torch.no_grad():
-        mask[1:3] = True
-        layer.rank_scale.normal_()
+        m.allocate(m.budget(3)[0])  # all-zero scores: PEFT's rule prunes them all
+    assert layer.rank_mask is mask and not mask.any() and not layer.rank_scale.any()
     x = torch.randn(5, 64)
-    E = layer.rank_scale * mask
-    want = x @ layer.weight.T + layer.scaling * ((x @ layer.lora_A.T) * E) @ layer.lora_B.T
-    assert rel(layer(x), want) < 1e-5 and rel(want, x @ layer.weight.T) > 1e-3
+    assert rel(layer(x), x @ layer.weight.T) < 1e-6  # E = 0: the pruned triplets are gone
+    layer(x).square().sum().backward()
+    assert (layer.rank_scale.grad != 0).all()  # ... but E still learns
+    opt = torch.optim.SGD([layer.rank_scale], lr=0.1)
+    opt.step()
+    assert (layer.rank_scale != 0).all()
+    with torch.no_grad():  # the next allocation, scores favouring triplet 2 of this layer, keeps it
+        layer.scores.avg_E[2] = layer.scores.unc_E[2] = 1.0
+        revived = layer.rank_scale[2].item()
+        m.allocate(1)
+    assert layer.rank_mask.tolist() == [False, False, True, False] and layer.rank_scale[2].item() == revived
+    assert rel(layer(x), x @ layer.weight.T
+               + layer.scaling * ((x @ layer.lora_A.T) * (layer.rank_scale * mask)) @ layer.lora_B.T) < 1e-5
+    assert not layer.mask_in_op
+    m.update_and_allocate(m.total_step - m.tfinal)  # the final allocation: from here the op skips pruned ranks
+    assert all(lay.mask_in_op for _, lay in m.layers(model))
+    layer.rank_scale.grad = None
+    layer(x).square().sum().backward()
+    assert not layer.rank_scale.grad[~layer.rank_mask].any()
+
+
+def test_adalora_trains_as_peft_adalora_step_by_step():
+    """A whole run (budgeting, pruning every deltaT steps, final phase) against PEFT's AdaLoRA from
+    the same start: the same losses, masks and factors (the issue's tiny-Llama case, shortened)."""
+    cfg = dict(init_r=6, target_r=4, total_step=14, tinit=2, tfinal=4, deltaT=2, lora_alpha=8,
+               target_modules=["q_proj", "v_proj"])
+    base = llama()
+    theirs = get_peft_model(copy.deepcopy(base), AdaLoraConfig(**cfg))
+    inner = theirs.base_model.model
+    m = AdaLoRA(**cfg)
+    ours = m.apply(base)
+    with torch.no_grad():
+        for n, layer in m.layers(ours):
+            for part, p in (("A", layer.lora_A), ("E", layer.rank_scale), ("B", layer.lora_B)):
+                p.copy_(inner.get_submodule(n).get_parameter(f"lora_{part}.default").reshape(p.shape))
+    opt_ours = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=2e-2)
+    opt_theirs = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=2e-2)
+    m.attach(opt_ours)
+    pruned_and_back = set()
+    for step in range(cfg["total_step"]):
+        data = batch(10 + step % 3)
+        loss_ours = _loss_step(ours, m, data, opt_ours)
+        out = theirs.base_model(**data)  # PEFT adds its orthogonal regularization here
+        out.loss.backward()
+        opt_theirs.step()
+        theirs.base_model.update_and_allocate(step)
+        opt_theirs.zero_grad()
+        assert abs(loss_ours - out.loss.item()) < 1e-4 * out.loss.item(), step
+        pattern = theirs.peft_config["default"].rank_pattern or {}
+        for n, layer in m.layers(ours):
+            if pattern:
+                assert layer.rank_mask.tolist() == pattern[f"{n}.lora_E.default"], (step, n)
+            pruned_and_back |= {(n, i) for i, kept in enumerate(layer.rank_mask.tolist()) if not kept}
+    for n, layer in m.layers(ours):
+        their_E = inner.get_submodule(n).lora_E["default"].flatten()
+        assert rel(layer.rank_scale, their_E) < 1e-3 and rel(layer.lora_A, inner.get_submodule(n).lora_A["default"]) < 1e-3
+    assert pruned_and_back and m.active_ranks(ours) == 4 * len(m.layers(ours))
 
 
 @pytest.mark.parametrize("name", ["vera", "tied-tl6", "adalora", "dora"])
@@ -211,7 +284,7 @@ def test_merge_matches_the_unmerged_output_and_unmerge_restores(name):
 
 
 def test_igulora_runs_each_step_at_a_point_of_the_path_and_retrains():
-    m = IGULoRA(init_r=R, target_r=2, total_step=5, tinit=0, tfinal=2, retrain=True, target_modules=["q_proj"])
+    m = IGULoRA(init_r=R, target_r=2, total_step=5, tinit=0, tfinal=2, deltaT=1, retrain=True, target_modules=["q_proj"])
     model = m.apply(llama())
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     m.attach(opt)
@@ -219,7 +292,7 @@ def test_igulora_runs_each_step_at_a_point_of_the_path_and_retrains():
     data, seen = batch(3), []
     for step in range(5):
         seen.append(m.alpha)
-        assert all(lay.train_scale == m.alpha for _, lay in m.layers(model))
+        assert all(lay.train_scale == m.alpha ** 3 for _, lay in m.layers(model))
         model(**data).loss.backward()
         A_before = layer.lora_A.detach().clone()
         opt.step()
@@ -231,6 +304,130 @@ def test_igulora_runs_each_step_at_a_point_of_the_path_and_retrains():
     assert all(a in [k / 20 for k in range(1, 21)] for a in seen[:3]) and len(set(seen[:3])) > 1
     assert seen[3:] == [1.0, 1.0]
     assert m.active_ranks(model) == 2 * LAYERS
+
+
+def test_igulora_path_point_scales_the_product_by_alpha_cubed():
+    """The straight path (A, E, B) -> alpha (A, E, B) in parameter space: B E A scaled by alpha^3
+    in training mode (reference ``weight_coeff ** 3``), by 1 in eval mode."""
+    torch.manual_seed(1)
+    m = IGULoRA(init_r=R, target_r=2, total_step=10, tinit=0, tfinal=2, lora_dropout=0.0, target_modules=["q_proj"])
+    model = m.apply(llama())
+    m.attach(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1))
+    assert m.alpha < 1.0
+    layer = model.model.layers[1].self_attn.q_proj
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 64)
+    update = layer.scaling * ((x @ layer.lora_A.T) * layer.rank_scale) @ layer.lora_B.T
+    assert rel(layer.train()(x), x @ layer.weight.T + m.alpha ** 3 * update) < 1e-5
+    assert rel(layer.eval()(x), x @ layer.weight.T + update) < 1e-5
+
+
+def test_igulora_pruned_triplets_keep_their_gradient():
+    """The reference zeroes ``lora_E`` only (its ``lora_mask`` stays 1 while pruning), so E keeps learning."""
+    m, model = adapted("igulora")
+    layer = model.model.layers[0].self_attn.v_proj
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.scores.avg_E.copy_(torch.arange(R, dtype=torch.float32))
+    m.allocate(m.budget(0)[0] - 1)  # prune the cheapest-scored triplet of the model: one of this layer
+    pruned = ~layer.rank_mask
+    assert pruned.sum() == 1 and not layer.rank_scale[pruned].any()
+    layer(torch.randn(5, 64)).square().sum().backward()
+    assert (layer.rank_scale.grad[pruned] != 0).all()
+
+
+def test_igulora_budget_is_weighted_by_each_layer_parameter_count():
+    """Reference ``RankAllocator``: a rank costs its layer's share of parameters, and pruning walks
+    the triplets by rising score until the pruned cost reaches ``initial - budget``."""
+    targets = ["q_proj", "k_proj", "up_proj"]  # one rank costs 64 + 64, 64 + 32, 64 + 128
+    m = IGULoRA(init_r=R, target_r=2, total_step=10, tinit=0, tfinal=2, deltaT=1, target_modules=targets)
+    model = m.apply(llama())
+    cost = {n: layer.in_features + layer.out_features for n, layer in m.layers(model)}
+    assert m.budget(0)[0] == R * sum(cost.values()) and m.budget(10)[0] == 2 * sum(cost.values())
+    gen = torch.Generator().manual_seed(3)
+    for _, layer in m.layers(model):
+        for buf in layer.scores.buffers():
+            buf.copy_(torch.rand(buf.shape, generator=gen))
+    budget = m.budget(4)[0]
+    m.allocate(budget)
+    entries = sorted((float(score), cost[n], n, i) for n, layer in m.layers(model)
+                     for i, score in enumerate(m.triplet_scores(layer)))
+    pruned_cost, threshold = 0, None
+    for score, c, _, _ in entries:  # the reference's mask_to_target_rank, written out
+        pruned_cost += c
+        if pruned_cost >= m.budget(0)[0] - budget:
+            threshold = score
+            break
+    kept_cost = 0
+    for n, layer in m.layers(model):
+        assert layer.rank_mask.tolist() == [float(s) > threshold for s in m.triplet_scores(layer)]
+        kept_cost += cost[n] * int(layer.rank_mask.sum())
+    assert budget - max(cost.values()) < kept_cost <= budget
+
+
+def test_igulora_defaults_are_the_reference_ones():
+    m = IGULoRA(init_r=R, target_r=2, total_step=300, target_modules=SEVEN)
+    got = (m.orth_reg_weight, m.lora_alpha, m.lora_dropout, m.deltaT, m.tinit, m.tfinal, m.beta1, m.beta2, m.ig_steps)
+    assert got == (1.0, 1.0, 0.3, 50, 100, 100, 0.85, 0.85, 20)
+    layer = m.apply(llama()).model.layers[0].self_attn.q_proj
+    assert layer.scaling == 1 / (R + 1e-5) and torch.allclose(layer.rank_scale, torch.full((R,), 0.1))
+    assert float(m._element_score(torch.tensor(0.0), torch.tensor(0.0))) == 1.0  # (0 + 1e-6) / (0 + 1e-6)
+    with torch.no_grad():  # only the off-diagonal of A A^T and B^T B is penalized, weight 1
+        for _, lay in m.layers(m._model):
+            lay.lora_A.copy_(torch.eye(R, lay.in_features) * 3)
+            lay.lora_B.copy_(torch.eye(lay.out_features, R) * 2)
+    assert float(m.regularization(m._model)) == 0.0
+
+
+# --------------------------------------------------------------------------- Tied-LoRA
+
+
+def t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+    torch.manual_seed(0)
+    return T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2,
+                                               num_decoder_layers=2, num_heads=4))
+
+
+def test_tied_lora_ties_by_role_and_shape():
+    """Encoder and decoder, self- and cross-attention outputs get their own A and B; the layers of one role share."""
+    m = TiedLoRA(r=R, target_modules=["q", "o", "wo"])
+    model = m.apply(t5())
+    enc, dec = model.encoder.block, model.decoder.block
+    self_o = [dec[i].layer[0].SelfAttention.o for i in range(2)]
+    cross_o = [dec[i].layer[1].EncDecAttention.o for i in range(2)]
+    assert self_o[0].lora_A is self_o[1].lora_A and cross_o[0].lora_B is cross_o[1].lora_B
+    assert self_o[0].lora_A is not cross_o[0].lora_A and self_o[0].lora_B is not cross_o[0].lora_B
+    assert enc[0].layer[0].SelfAttention.q.lora_A is not dec[0].layer[0].SelfAttention.q.lora_A
+    assert self_o[0].rank_scale is not self_o[1].rank_scale
+    assert len(m.groups(model)) == 8 and all(len(names) == 2 for names in m.groups(model).values())
+    net = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 8))  # one role, two shapes
+    net = TiedLoRA(r=R, target_modules=["0", "1", "2"]).apply(net)
+    assert net[0].lora_A is net[1].lora_A and net[0].lora_B is not net[2].lora_B and net[2](torch.randn(2, 16)).shape == (2, 8)
+
+
+@pytest.mark.parametrize("config", ["TL5", "TL6", "ABuv", "Buv", "Au", "Av", "B", "uv"])
+def test_tied_lora_parameter_formula(config):
+    """Trainable parameters against sum over tie groups of [A] r in + [B] out r + L ([u] r + [v] out)."""
+    letters = {"TL5": "AB", "TL6": "ABuv"}.get(config, config)
+    m = TiedLoRA(r=R, target_modules=["q", "o", "wo"], trainable=config)
+    model = m.apply(t5())
+    want = 0
+    for stack in ("encoder", "decoder"):
+        for role in ("SelfAttention.q", "SelfAttention.o", "EncDecAttention.q", "EncDecAttention.o", "DenseReluDense.wo"):
+            layers = [mod for n, mod in model.named_modules() if n.startswith(stack) and n.endswith(role)]
+            if layers:
+                k, n = layers[0].in_features, layers[0].out_features
+                want += ("A" in letters) * R * k + ("B" in letters) * n * R
+                want += len(layers) * (("u" in letters) * R + ("v" in letters) * n)
+    assert trainable(model) == want == m.parameter_count(
+        [(k, n, len(names)) for (_, n, k), names in m.groups(model).items()])
+    d, L = 16, 5  # the paper's case: one group of L square layers
+    net = TiedLoRA(r=R, trainable=config, target_modules=[str(i) for i in range(L)]).apply(
+        nn.Sequential(*[nn.Linear(d, d) for _ in range(L)]))
+    paper = {"TL5": 2 * d * R, "TL6": 2 * d * R + L * (R + d)}
+    assert trainable(net) == paper.get(config, m.parameter_count([(d, d, L)]))
 
 
 # --------------------------------------------------------------------------- parity with PEFT
@@ -405,6 +602,57 @@ def test_reflora_s_rebalance_keeps_BA_and_rescales_adam_moments():
 # --------------------------------------------------------------------------- CG-LoRA
 
 
+def _regression(shift: bool, step: float):
+    """A float64 linear layer adapted by CG-LoRA on two batches of a squared-error loss, and what
+    the test needs to recompute the curvature by hand."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(12, 10, dtype=torch.float64))
+    m = CGLoRA(r=3, lora_alpha=6, target_modules=["0"], damping=1e-2, shift=shift, step=step)
+    net = m.apply(net)
+    W0, b = net[0].weight.detach().clone(), net[0].bias.detach().clone()
+    X, Y = torch.randn(40, 12, dtype=torch.float64), torch.randn(40, 10, dtype=torch.float64)
+    batches = [(X[:20], Y[:20]), (X[20:], Y[20:])]
+    loss_fn = lambda model, bt: (model(bt[0]) - bt[1]).square().sum(-1).mean()  # noqa: E731
+    with torch.no_grad():
+        before = sum(loss_fn(net, bt) for bt in batches).item()
+    m.initialize(net, batches, loss_fn)
+    return m, net, W0, b, X, Y, batches, loss_fn, before
+
+
+def _whitened_step(W0, b, X, Y, r: int, damping: float) -> torch.Tensor:
+    """-S_out^-1/2 [S_out^-1/2 G S_in^-1/2]_r S_in^-1/2 from the empirical Fisher's K-FAC factors."""
+    E = 2 * (X @ W0.T + b - Y)  # each row's own loss gradient at the layer's output
+    G = E.T @ X / X.shape[0]  # the mean loss's gradient (both batches have 20 rows)
+
+    def inv_sqrt(S):
+        lam, U = torch.linalg.eigh(S + damping * S.diagonal().mean() * torch.eye(S.shape[0], dtype=S.dtype))
+        return (U * lam.rsqrt()) @ U.T
+
+    Si, So = inv_sqrt(X.T @ X / X.shape[0]), inv_sqrt(E.T @ E / X.shape[0])
+    U, sigma, Vh = torch.linalg.svd(So @ G @ Si)
+    return -So @ (U[:, :r] * sigma[:r]) @ Vh[:r] @ Si
+
+
+def test_cglora_b0a0_is_the_rank_r_curvature_whitened_step():
+    """s B0 A0 = step * D_r: the curvature's magnitudes kept, not one norm per direction; base shifted."""
+    m, net, W0, b, X, Y, *_ = _regression(shift=True, step=0.5)
+    layer = net[0]
+    D = _whitened_step(W0, b, X, Y, r=3, damping=1e-2)
+    assert rel(layer.scaling * layer.lora_B @ layer.lora_A, 0.5 * D) < 1e-9
+    assert torch.allclose(layer.lora_B.norm(dim=0), layer.lora_A.norm(dim=1))  # balanced per rank
+    assert rel(layer.weight + layer.scaling * layer.lora_B @ layer.lora_A, W0) < 1e-12  # shifted: unchanged
+
+
+def test_cglora_no_shift_starts_one_step_along_it():
+    """The paper's "no shift" variant: W0 stays, the model starts at W0 + step * D_r (and the loss falls)."""
+    m, net, W0, b, X, Y, batches, loss_fn, before = _regression(shift=False, step=0.2)
+    layer = net[0]
+    assert torch.equal(layer.weight, W0)
+    assert rel(layer.weight + layer.scaling * layer.lora_B @ layer.lora_A, W0 + 0.2 * _whitened_step(W0, b, X, Y, r=3, damping=1e-2)) < 1e-9
+    with torch.no_grad():
+        assert sum(loss_fn(net, bt) for bt in batches).item() < before - 1e-3
+
+
 def test_cglora_shifted_model_gives_the_same_output_at_step_zero():
     m = CGLoRA(r=R, lora_alpha=8, target_modules=SEVEN)
     model = m.apply(llama())
@@ -420,6 +668,76 @@ def test_cglora_shifted_model_gives_the_same_output_at_step_zero():
         assert layer.lora_A.grad is None and layer.lora_B.grad is None
         assert rel(layer.weight, W0[n]) > 1e-3  # the base did move, by -s B0 A0
         assert rel(layer.weight + layer.delta_weight(), W0[n]) < 1e-5
+    largest = max(float(layer.lora_B.norm(dim=0).max()) for _, layer in m.layers(model))
+    assert largest == pytest.approx(1.0, rel=1e-5)  # step=None: the model's largest factor column has norm 1
+
+
+# --------------------------------------------------------------------------- reference options, defaults
+
+
+def test_reflora_warmup_interval_and_re_init_as_the_reference():
+    """zhangyilang/RefLoRA: warm-up 100 by default, refactoring every ``interval`` steps after it, and
+    ``re_init`` (A, B kaiming-uniform, the base shifted by -s B A: the output unchanged)."""
+    assert RefLoRA().warmup_steps == 100 and RefLoRA().interval == 1
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(24, 12, dtype=torch.float64))
+    x = torch.randn(10, 24, dtype=torch.float64)
+    before = net(x).detach()
+    for variant, hook in (("full", "precondition"), ("s", "rebalance")):
+        m = RefLoRA(r=3, target_modules=["0"], warmup_steps=2, interval=3, re_init=True, variant=variant)
+        model = m.apply(copy.deepcopy(net))
+        layer = model[0]
+        assert layer.lora_B.abs().min() > 0 and rel(model(x), before) < 1e-12 and rel(layer.weight, net[0].weight) > 1e-3
+        calls = []
+        setattr(m, hook, lambda *args: calls.append(m.step))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        m.attach(opt)
+        for _ in range(12):
+            model(x).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+        assert calls == [2, 5, 8, 11] == [s for s in range(12) if m.acts_at(s)]
+    with pytest.raises(ValueError, match="re_init"):
+        RefLoRA(re_init=True, init="gaussian")
+
+
+def test_vera_saves_its_bank_by_default_as_peft():
+    assert VeraConfig(target_modules=SEVEN).save_projection is True
+    sd = VeRA(r=16, target_modules=SEVEN).apply(llama()).state_dict()
+    assert any(k.endswith("bank.lora_A") for k in sd) and any(k.endswith("bank.seed") for k in sd)
+    sd = VeRA(r=16, target_modules=SEVEN, save_projection=False).apply(llama()).state_dict()
+    assert not any(k.endswith("bank.lora_A") for k in sd) and any(k.endswith("bank.seed") for k in sd)
+
+
+def test_vera_without_its_bank_redraws_it_from_the_saved_seed():
+    m = VeRA(r=16, target_modules=SEVEN, projection_prng_key=3, save_projection=False)
+    model = m.apply(llama())
+    with torch.no_grad():
+        for _, layer in m.layers(model):
+            layer.out_scale.normal_()
+    fresh = VeRA(r=16, target_modules=SEVEN, projection_prng_key=7, save_projection=False).apply(llama())
+    fresh.load_state_dict(model.state_dict())
+    probe = batch(8)["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=probe).logits, model(input_ids=probe).logits)
+
+
+def test_pissa_fast_svd_as_peft_pissa_niter():
+    """PEFT's ``init_lora_weights="pissa_niter_[n]"``: the principal factors from torch.svd_lowrank."""
+    torch.manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(40, 40))
+    V, _ = torch.linalg.qr(torch.randn(48, 48))
+    W = (U[:, :20] * 2.0 ** -torch.arange(20.0)) @ V[:, :20].T  # a decaying spectrum
+    layers = {}
+    for init in ("pissa", "pissa_niter_4"):
+        lin = nn.Linear(48, 40)
+        with torch.no_grad():
+            lin.weight.copy_(W)
+        layers[init] = LoRA(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=init).apply(nn.Sequential(lin))[0]
+    fast, full = layers["pissa_niter_4"], layers["pissa"]
+    assert rel(fast.weight + fast.delta_weight(), W) < 1e-6
+    assert rel(fast.lora_B @ fast.lora_A, full.lora_B @ full.lora_A) < 2e-3  # 4 subspace iterations
+    assert rel(fast.weight, W) > 0.1 and LoRA(init_lora_weights=True).init == "kaiming"
 
 
 # --------------------------------------------------------------------------- state dicts
@@ -438,8 +756,7 @@ def test_state_dict_round_trip(name):
     sd = model.state_dict()
     m2 = METHODS[name]()
     if name == "vera":
-        m2.projection_prng_key = 7  # a different bank: loading redraws it from the saved seed
-        assert not any(k.endswith("bank.lora_A") for k in sd)
+        m2.projection_prng_key = 7  # a different bank: the saved one replaces it
     fresh = m2.apply(llama(seed=1))  # another base too: the state dict carries all of it
     fresh.load_state_dict(sd)
     model.eval()
@@ -453,12 +770,6 @@ def test_state_dict_round_trip(name):
         assert m2.active_ranks(fresh) == m.active_ranks(model) < R * len(m.layers(model))
         for (_, a), (_, b) in zip(m.layers(model), m2.layers(fresh)):
             assert torch.equal(a.scores.avg_A, b.scores.avg_A) and torch.equal(a.rank_mask, b.rank_mask)
-
-
-def test_vera_saves_its_bank_when_asked():
-    m = VeRA(r=16, target_modules=SEVEN, save_projection=True)
-    sd = m.apply(llama()).state_dict()
-    assert any(k.endswith("bank.lora_A") for k in sd) and any(k.endswith("bank.seed") for k in sd)
 
 
 # --------------------------------------------------------------------------- bad input

@@ -1,4 +1,6 @@
-"""AdaLoRA (Zhang et al. 2023): SVD-form adapters whose rank budget moves to the important triplets."""
+"""AdaLoRA (Zhang et al. 2023, arXiv 2303.10512): SVD-form adapters whose rank budget moves to the
+important triplets. Follows the paper and PEFT's ``peft.tuners.adalora`` (``SVDLinear``,
+``RankAllocator``, ``AdaLoraModel.update_and_allocate``)."""
 from __future__ import annotations
 
 import torch
@@ -6,17 +8,61 @@ from torch import nn
 
 from lorakern.adapters import AdaptedLinear
 from lorakern.methods.base import Method, TargetModules, check_float, check_int
+from lorakern import lora_linear
 
-__all__ = ["AdaLoRA", "TripletScores"]
+__all__ = ["AdaLoRA", "SVDLinear", "TripletScores"]
 
 _PARTS = ("A", "E", "B")
 
 
+class SVDLinear(AdaptedLinear):
+    """``y = x W^T + b + s * ((x~ A^T) * E') B^T``: P = B [out, r], Lambda = E [r] (``rank_scale``),
+    Q = A [r, in], all in the weight's dtype.
+
+    ``rank_mask`` [r] (bool buffer) records the current allocation (which triplets are kept); the
+    op sees it only once ``mask_in_op`` is set (the final, fixed allocation), so ``E' = E * m``
+    there and ``E' = E`` before. While the budget still moves, a triplet is pruned by zeroing its
+    E in place (paper, Sec. 3: the singular value is masked, "pruned triplets can still get
+    updated and possibly reactivated"; PEFT's ``mask_to_budget`` does the same), so its E keeps
+    its gradient and the next allocation can revive it. Once the allocation is final PEFT zeroes
+    the masked E after every step, which is what the op's mask computes (with the masked ranks
+    skipped): the two give the same outputs and the same updates of every kept parameter.
+
+    >>> layer = SVDLinear.from_linear(nn.Linear(16, 8), r=4)
+    >>> layer.set_vector("rank_scale", torch.ones(4), trainable=True)
+    >>> layer.set_vector("rank_mask", torch.ones(4, dtype=torch.bool), trainable=False)
+    >>> layer(torch.randn(3, 16)).shape
+    torch.Size([3, 8])
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.mask_in_op = False
+
+    def _op_mask(self):
+        return self.rank_mask if self.mask_in_op else None
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s * B diag(E') A``, [out, in]: what merging adds to the weight."""
+        E = self.rank_scale.float()
+        if self._op_mask() is not None:
+            E = E * self.rank_mask.float()
+        return ((self.lora_B.float() * (self.scaling * E)) @ self.lora_A.float()).to(self.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return nn.functional.linear(x, self.weight, self.bias)
+        s = self.scaling * self.train_scale if self.training else self.scaling
+        return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, scaling=s,
+                           rank_scale=self.rank_scale, rank_mask=self._op_mask(),
+                           dropout_p=self.lora_dropout if self.training else 0.0, backend=self.backend)
+
+
 class TripletScores(nn.Module):
     """One layer's importance state: the smoothed sensitivity ``avg_*`` and uncertainty ``unc_*``
-    of each entry of A [r, in], E [r] and B [out, r] (buffers, so they travel with the model)."""
+    of each entry of A [r, in], E [r] and B [out, r] (float32 buffers, so they travel with the model)."""
 
-    def __init__(self, layer: AdaptedLinear) -> None:
+    def __init__(self, layer: SVDLinear) -> None:
         super().__init__()
         for part, p in zip(_PARTS, _triplet(layer)):
             self.register_buffer(f"avg_{part}", torch.zeros_like(p, dtype=torch.float32))
@@ -27,28 +73,35 @@ class TripletScores(nn.Module):
             buf.zero_()
 
 
-def _triplet(layer: AdaptedLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _triplet(layer: SVDLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return layer.lora_A, layer.rank_scale, layer.lora_B
 
 
-def _zero_masked(layer: AdaptedLinear) -> None:
-    """E = 0 on the masked triplets, as PEFT leaves them (the op ignores them either way)."""
+def _zero_pruned(layer: SVDLinear) -> None:
+    """E = 0 on the triplets the allocation pruned (PEFT's ``masked_fill_`` of ``lora_E``)."""
     layer.rank_scale.data.masked_fill_(~layer.rank_mask, 0.0)
 
 
 class AdaLoRA(Method):
-    """``W x + alpha / (init_r + 1e-5) * B (E * m * (A x~))``, P = B, Lambda = E, Q = A, as PEFT.
+    """AdaLoRA over the op: ``W x + lora_alpha / (init_r + 1e-5) * B (E * (A x~))`` (paper Eq. 1; PEFT).
 
-    A and B start N(0, 0.02), E at 0. After each optimizer step (``attach``), the importance of
-    every entry, ``|w * grad w|``, is smoothed (EMA ``beta1``) and its uncertainty tracked (EMA
-    ``beta2``); a triplet's score is the mean over A's row plus the mean over B's column plus E's,
-    each of sensitivity times uncertainty. The total budget falls cubically from
-    ``init_r * layers`` to ``target_r * layers`` between steps ``tinit`` and
-    ``total_step - tfinal``; every ``deltaT`` steps the lowest-scored triplets are masked through
-    the op's ``rank_mask`` (updated in place, so masked ranks cost nothing) and their E zeroed.
-    ``regularization`` is ``orth_reg_weight`` times the mean of ``||A A^T - I||_F`` and
-    ``||B^T B - I||_F``. Budget and mask agree with PEFT's ``RankAllocator`` given the same
-    scores. Unlike PEFT, a masked triplet gets no gradient at all (PEFT still trains E there).
+    Hyperparameters are PEFT's ``AdaLoraConfig`` names and defaults: ``init_r`` (ranks at start),
+    ``target_r`` (average final rank), ``tinit``, ``tfinal``, ``deltaT``, ``beta1``, ``beta2``,
+    ``orth_reg_weight``, ``total_step`` (required), ``lora_alpha``, ``lora_dropout``. A and B start
+    N(0, 0.02), E at 0. After each optimizer step (``attach``; PEFT's ``update_and_allocate(step)``),
+    every entry's sensitivity ``|w * grad w|`` is smoothed (EMA ``beta1``, paper Eq. 8) and its
+    uncertainty tracked (EMA ``beta2``, Eq. 9); a triplet's score is E's plus the means over A's row
+    and B's column of sensitivity times uncertainty (Eq. 10-11). The total budget falls cubically
+    from ``init_r`` to ``target_r`` ranks per layer between steps ``tinit`` and
+    ``total_step - tfinal`` (Eq. 12); every ``deltaT`` steps the lowest-scored triplets are pruned
+    by zeroing their E (see ``SVDLinear``: they keep training and can come back). At step
+    ``total_step - tfinal`` the allocation becomes final: from then on the op's ``rank_mask``
+    skips the pruned ranks. ``regularization(model)`` is ``orth_reg_weight`` times the mean of
+    ``||A A^T - I||_F`` and ``||B^T B - I||_F`` (Eq. 4). Budget, scores and masks agree with PEFT's
+    ``RankAllocator`` given the same weights and gradients, step by step.
+
+    Layers are ``SVDLinear`` (weight's dtype, any device); ``apply`` raises ValueError / TypeError
+    for targets that are not ``nn.Linear``, ``attach`` RuntimeError before ``apply``.
 
     >>> import torch
     >>> net = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
@@ -58,7 +111,7 @@ class AdaLoRA(Method):
     (12, (5, True))
     """
 
-    layer_type = AdaptedLinear
+    layer_type = SVDLinear
     e_init = 0.0
 
     def __init__(self, *, target_r: int = 8, init_r: int = 12, total_step: int, tinit: int = 0, tfinal: int = 0,
@@ -82,8 +135,8 @@ class AdaLoRA(Method):
         self.lora_alpha = check_float("lora_alpha", lora_alpha, 0.0, float("inf"), low_open=True)
         self.lora_dropout = check_float("lora_dropout", lora_dropout, 0.0, 1.0, high_open=True)
 
-    def _make_layer(self, name: str, linear: nn.Linear) -> AdaptedLinear:
-        layer = AdaptedLinear.from_linear(linear, r=self.r, lora_dropout=self.lora_dropout, backend=self.backend)
+    def _make_layer(self, name: str, linear: nn.Linear) -> SVDLinear:
+        layer = SVDLinear.from_linear(linear, r=self.r, lora_dropout=self.lora_dropout, backend=self.backend)
         layer.scaling = self.lora_alpha / (self.r + 1e-5)
         like = dict(device=linear.weight.device, dtype=linear.weight.dtype)
         layer.set_vector("rank_scale", torch.empty(self.r, **like), trainable=True)
@@ -94,23 +147,28 @@ class AdaLoRA(Method):
         return layer
 
     @torch.no_grad()
-    def reset_triplets(self, layer: AdaptedLinear) -> None:
-        """A, B ~ N(0, 0.02) and E at its initial value, zero where masked."""
+    def reset_triplets(self, layer: SVDLinear) -> None:
+        """A, B ~ N(0, 0.02) and E at its initial value, zero where pruned."""
         nn.init.normal_(layer.lora_A, std=0.02)
         nn.init.normal_(layer.lora_B, std=0.02)
         layer.rank_scale.fill_(self.e_init)
-        _zero_masked(layer)
+        _zero_pruned(layer)
 
     # ---------------------------------------------------------------- budget and allocation
+
+    def _rank_cost(self, layer: SVDLinear) -> int:
+        """What one rank of ``layer`` costs in the budget's unit (AdaLoRA: 1, a rank)."""
+        return 1
 
     def _budgets(self) -> tuple[int, int]:
         layers = self.layers(self._model) if self._model is not None else []
         if not layers:
             raise RuntimeError(f"{type(self).__name__}: call apply(model) first")
-        return sum(layer.r for _, layer in layers), self.target_r * len(layers)
+        return (sum(layer.r * self._rank_cost(layer) for _, layer in layers),
+                sum(self.target_r * self._rank_cost(layer) for _, layer in layers))
 
     def budget(self, step: int) -> tuple[int, bool]:
-        """``(total rank budget, whether to mask)`` at ``step``: PEFT's cubic schedule."""
+        """``(total budget, whether to prune)`` at ``step``: PEFT's cubic ``budget_schedule``."""
         init_bgt, target_bgt = self._budgets()
         if step <= self.tinit:
             return init_bgt, False
@@ -132,7 +190,7 @@ class AdaLoRA(Method):
     def _element_score(self, avg: torch.Tensor, unc: torch.Tensor) -> torch.Tensor:
         return avg * unc
 
-    def triplet_scores(self, layer: AdaptedLinear) -> torch.Tensor:
+    def triplet_scores(self, layer: SVDLinear) -> torch.Tensor:
         """Score [r] of each triplet: E's + (A's row mean + B's column mean)."""
         s = {part: self._element_score(getattr(layer.scores, f"avg_{part}"), getattr(layer.scores, f"unc_{part}"))
              for part in _PARTS}
@@ -140,14 +198,26 @@ class AdaLoRA(Method):
 
     @torch.no_grad()
     def allocate(self, budget: int) -> None:
-        """Keep the ``budget`` best-scored triplets over all layers: masks in place, E zeroed."""
+        """Keep the best-scored triplets over all layers within ``budget``: masks in place, pruned E zeroed.
+
+        The triplets are sorted by score; the threshold is the score at which the pruned triplets'
+        cost first reaches ``init budget - budget``; every triplet scored at or below it is pruned
+        (with unit costs, PEFT's ``kthvalue`` threshold).
+        """
         layers = [layer for _, layer in self.layers(self._model)]
         scores = [self.triplet_scores(layer) for layer in layers]
-        k = sum(layer.r for layer in layers) - budget
-        threshold = torch.kthvalue(torch.cat(scores), k=k)[0].item() if k > 0 else float("-inf")
+        to_prune = sum(layer.r * self._rank_cost(layer) for layer in layers) - budget
+        threshold = float("-inf")
+        if to_prune > 0:
+            flat = torch.cat(scores)
+            costs = torch.cat([torch.full((layer.r,), float(self._rank_cost(layer)), dtype=torch.float64)
+                               for layer in layers])
+            order = torch.argsort(flat.cpu(), stable=True)
+            reach = torch.cumsum(costs[order], 0) >= to_prune
+            threshold = flat[order[int(reach.nonzero()[0]) if reach.any() else -1]].item()
         for layer, score in zip(layers, scores):
             layer.rank_mask.copy_(score > threshold)
-            _zero_masked(layer)
+            _zero_pruned(layer)
 
     def update_and_allocate(self, step: int) -> None:
         """PEFT's ``update_and_allocate(step)``: what the post-step hook runs."""
@@ -157,20 +227,25 @@ class AdaLoRA(Method):
             budget, mask_now = self.budget(step)
             if mask_now:
                 self.allocate(budget)
-        elif step == final:
+            return
+        if step == final:
             self.allocate(self.budget(step)[0])
             for _, layer in self.layers(self._model):
                 layer.scores.reset()
-        else:
-            for _, layer in self.layers(self._model):
-                _zero_masked(layer)
+        for _, layer in self.layers(self._model):
+            _zero_pruned(layer)
+            layer.mask_in_op = True
 
     def _after_step(self, optimizer: torch.optim.Optimizer, step: int) -> None:
         self.update_and_allocate(step)
 
     def active_ranks(self, model: nn.Module) -> int:
-        """Number of unmasked ranks over all layers."""
-        return sum(int(layer.rank_mask.sum()) for _, layer in self.layers(model))
+        """Number of kept triplets over all layers (the allocation's ``rank_mask``)."""
+        return sum(self.ranks(model).values())
+
+    def ranks(self, model: nn.Module) -> dict[str, int]:
+        """``{layer name: kept triplets}`` (PEFT's ``rank_pattern``, counted)."""
+        return {name: int(layer.rank_mask.sum()) for name, layer in self.layers(model)}
 
     # ---------------------------------------------------------------- regularization
 

@@ -1,5 +1,9 @@
-"""LoRA (Hu et al. 2021), with rsLoRA's scaling and PiSSA's initialization as options."""
+"""LoRA (Hu et al. 2021, arXiv 2106.09685), with rsLoRA's scaling (arXiv 2312.03732) and PiSSA's
+initialization (arXiv 2404.02948) as options, as PEFT's ``LoraConfig`` has them."""
 from __future__ import annotations
+
+import re
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -9,19 +13,32 @@ from lorakern.modules import LoRALinear
 
 __all__ = ["LoRA"]
 
-_INITS = ("kaiming", "gaussian", "pissa")
+_INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_<n>")
+_NITER = re.compile(r"^pissa_niter_(\d+)$")
+
+
+def _check_init(name: str, init: str) -> str:
+    if not isinstance(init, str) or not (init in _INITS[:3] or _NITER.match(init)):
+        raise ValueError(f"{name}: expected one of {_INITS} (or PEFT's True), got {init!r}")
+    return init
 
 
 class LoRA(Method):
-    """``W x + s B A x``: A kaiming-uniform (a = sqrt 5), B = 0, ``s = lora_alpha / r``.
+    """``W x + s B A x~`` over the op: A kaiming-uniform (a = sqrt 5), B = 0, ``s = lora_alpha / r``.
 
-    ``use_rslora``: ``s = lora_alpha / sqrt(r)``. ``init="gaussian"``: A ~ N(0, 1/r).
-    ``init="pissa"``: A = S^1/2 V^T, B = U S^1/2 from the top-r SVD of W (each divided by
-    sqrt(s)), and the residual ``W - s B A`` becomes the frozen base, as PEFT's ``"pissa"``.
+    PEFT's ``LoraConfig`` names: ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora`` (``s =
+    lora_alpha / sqrt(r)``), ``target_modules``, and ``init_lora_weights`` (True, ``"gaussian"``,
+    ``"pissa"``, ``"pissa_niter_[n]"``) as an alternative spelling of ``init``: ``"kaiming"``
+    (PEFT's True), ``"gaussian"`` (A ~ N(0, 1/r)), ``"pissa"`` (A = S^1/2 V^T, B = U S^1/2 from
+    the top-r SVD of W, each divided by sqrt(s), and the residual ``W - s B A`` becomes the frozen
+    base, as PEFT's ``pissa_init``) or ``"pissa_niter_[n]"`` (the same from
+    ``torch.svd_lowrank(W, q=r, niter=n)``, PEFT's fast-SVD PiSSA: a randomized SVD, so seed
+    torch for a repeatable start). Layers are ``LoRALinear`` in the weight's dtype; raises
+    ValueError for bad values (and ``r > min(in, out)`` with PiSSA), TypeError for bad types.
 
     >>> import torch
     >>> net = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
-    >>> net = LoRA(r=4, lora_alpha=8, target_modules=["0", "2"]).apply(net)
+    >>> net = LoRA(r=4, lora_alpha=8, target_modules=["0", "2"], init_lora_weights="pissa_niter_4").apply(net)
     >>> sum(p.numel() for p in net.parameters() if p.requires_grad)  # 4 * (16 + 16) + 4 * (16 + 4)
     208
     """
@@ -30,35 +47,45 @@ class LoRA(Method):
 
     def __init__(self, *, r: int = 8, target_modules: TargetModules = "all-linear", lora_alpha: float = 8.0,
                  lora_dropout: float = 0.0, use_rslora: bool = False, init: str = "kaiming",
-                 backend: str = "auto") -> None:
+                 init_lora_weights: Optional[Union[bool, str]] = None, backend: str = "auto") -> None:
         super().__init__(r=r, target_modules=target_modules, backend=backend)
         self.lora_alpha = check_float("lora_alpha", lora_alpha, 0.0, float("inf"), low_open=True)
         self.lora_dropout = check_float("lora_dropout", lora_dropout, 0.0, 1.0, high_open=True)
         if not isinstance(use_rslora, bool):
             raise TypeError(f"use_rslora: expected a bool, got {type(use_rslora).__name__}")
         self.use_rslora = use_rslora
-        if init not in _INITS:
-            raise ValueError(f"init: expected one of {_INITS}, got {init!r}")
-        self.init = init
+        if init_lora_weights is not None:
+            peft_init = _check_init("init_lora_weights", "kaiming" if init_lora_weights is True else init_lora_weights)
+            if init not in ("kaiming", peft_init):
+                raise ValueError(f"init: expected it left at 'kaiming' or equal to init_lora_weights, got init={init!r}"
+                                 f" and init_lora_weights={init_lora_weights!r}")
+            init = peft_init
+        self.init = _check_init("init", init)
 
     def _make_layer(self, name: str, linear: nn.Linear) -> LoRALinear:
         layer = self.layer_type.from_linear(
             linear, r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
             use_rslora=self.use_rslora, init_lora_weights="gaussian" if self.init == "gaussian" else True,
             backend=self.backend)
-        if self.init == "pissa":
-            _pissa_(layer, name)
+        if self.init.startswith("pissa"):
+            niter = _NITER.match(self.init)
+            _pissa_(layer, name, int(niter.group(1)) if niter else None)
         return layer
 
 
 @torch.no_grad()
-def _pissa_(layer: LoRALinear, name: str) -> None:
-    """PiSSA in place: principal factors into A and B, the residual into the frozen weight."""
+def _pissa_(layer: LoRALinear, name: str, niter: Optional[int]) -> None:
+    """PiSSA in place: principal factors into A and B, the residual into the frozen weight
+    (``niter``: from ``torch.svd_lowrank`` with that many subspace iterations, else the full SVD)."""
     if layer.r > min(layer.in_features, layer.out_features):
         raise ValueError(f"r: expected at most min(in, out) = {min(layer.in_features, layer.out_features)} "
                          f"for init='pissa' on {name!r}, got {layer.r}")
     W = layer.weight.float()
-    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    if niter is None:
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    else:
+        U, S, V = torch.svd_lowrank(W, q=layer.r, niter=niter)
+        Vh = V.T
     root = (S[: layer.r] / layer.scaling).sqrt()
     A = root[:, None] * Vh[: layer.r]
     B = U[:, : layer.r] * root

@@ -1,4 +1,6 @@
-"""RefLoRA (Zhang et al. 2025): LoRA stepped in its balanced factorization.
+"""RefLoRA (Zhang, Li, Giannakis, NeurIPS 2025, arXiv 2505.18877): LoRA stepped in its balanced
+factorization. Follows the paper and the authors' ``reflora/reflora.py`` (``Refactorer``,
+github.com/zhangyilang/RefLoRA).
 
 ``W + s B A`` is unchanged by ``B -> B P``, ``A -> P^-1 A``; RefLoRA takes each step in the
 factorization where ``A A^T = B^T B``. With ``S (A A^T) S = B^T B`` (``P = S^-1/2``), a gradient
@@ -6,13 +8,21 @@ step there, mapped back, is the step on the original factors with ``grad_A <- S^
 ``grad_B <- grad_B S``: the full variant applies that before each optimizer step. RefLoRA-S
 balances with a scalar instead, ``A -> c A``, ``B -> B / c``, ``c = sqrt(||B|| / ||A||)``, after
 each step, and rescales the optimizer's moments to the new factors.
+
+Reference options: ``warmup_steps`` (``reflora_warmup``, 100 in its README and GLUE script),
+``interval`` (``reflora_interval``: refactor every that many steps) and ``re_init`` (the
+reference's ``re_init``, which its fine-tuning script turns on with a zero warm-up: A and B both
+kaiming-uniform and the base shifted by ``-s B A``, so B starts nonzero and balancing can act from
+step 0 while the model's output is unchanged).
 """
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from lorakern.methods.base import check_float, check_int
 from lorakern.methods.lora import LoRA
+from lorakern.modules import LoRALinear, _kaiming_uniform_
 
 __all__ = ["RefLoRA", "balancing_matrix"]
 
@@ -52,28 +62,49 @@ def balancing_matrix(A: torch.Tensor, B: torch.Tensor, eps: float = 1e-6) -> tup
 class RefLoRA(LoRA):
     """LoRA's parameters and initialization, stepped in the balanced factorization (module doc).
 
-    ``variant="full"``: an optimizer pre-step hook preconditions the gradients with the
-    balancing matrix S (float64, damped by ``eps``). ``variant="s"``: a post-step hook
-    rebalances A and B by a scalar and rescales Adam's (or SGD's) moments to match. Neither
-    acts during the first ``warmup_steps`` steps (B starts at 0, where nothing balances).
-    Takes LoRA's keyword arguments besides.
+    ``variant="full"`` (RefLoRA): an optimizer pre-step hook preconditions the gradients with the
+    balancing matrix S (float64, damped by ``eps`` times the mean eigenvalue; the reference adds
+    the dtype's machine epsilon to the singular values instead). ``variant="s"`` (RefLoRA-S): a
+    post-step hook rebalances A and B by a scalar and rescales Adam's (or SGD's) moments to match.
+    Either acts at steps ``warmup_steps, warmup_steps + interval, ...`` (0-based; the reference's
+    counter, except that its RefLoRA-S counts one call at ``integrate_into_optimizer`` and so
+    acts one step earlier). ``re_init=True`` (``init`` must be ``"kaiming"``) starts from
+    kaiming-uniform A and B with the base shifted by ``-s B A``. Takes LoRA's keyword arguments
+    besides; raises ValueError for bad values.
 
     >>> import torch
     >>> net = torch.nn.Sequential(torch.nn.Linear(16, 8))
-    >>> m = RefLoRA(r=4, target_modules=["0"], variant="s", warmup_steps=0)
+    >>> m = RefLoRA(r=4, target_modules=["0"], variant="s", warmup_steps=0, re_init=True)
     >>> net = m.apply(net)
-    >>> opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
-    >>> len(m.attach(opt))
-    2
+    >>> bool(net[0].lora_B.abs().sum() > 0), len(m.attach(torch.optim.AdamW(net.parameters(), lr=1e-2)))
+    (True, 2)
     """
 
-    def __init__(self, *, variant: str = "full", warmup_steps: int = 10, eps: float = 1e-6, **kwargs) -> None:
+    def __init__(self, *, variant: str = "full", warmup_steps: int = 100, interval: int = 1, re_init: bool = False,
+                 eps: float = 1e-6, **kwargs) -> None:
         super().__init__(**kwargs)
         if variant not in _VARIANTS:
             raise ValueError(f"variant: expected one of {_VARIANTS}, got {variant!r}")
         self.variant = variant
         self.warmup_steps = check_int("warmup_steps", warmup_steps, 0)
+        self.interval = check_int("interval", interval, 1)
+        if not isinstance(re_init, bool):
+            raise TypeError(f"re_init: expected a bool, got {type(re_init).__name__}")
+        if re_init and self.init != "kaiming":
+            raise ValueError(f"re_init: expected init='kaiming' with re_init=True (the reference re-initializes "
+                             f"only then), got init={self.init!r}")
+        self.re_init = re_init
         self.eps = check_float("eps", eps, 0.0, float("inf"))
+
+    def _make_layer(self, name: str, linear: nn.Linear) -> LoRALinear:
+        layer = super()._make_layer(name, linear)
+        if self.re_init:
+            _re_init_(layer)
+        return layer
+
+    def acts_at(self, step: int) -> bool:
+        """Whether the refactoring hook acts at (0-based) optimizer step ``step``."""
+        return step >= self.warmup_steps and (step - self.warmup_steps) % self.interval == 0
 
     @torch.no_grad()
     def precondition(self) -> None:
@@ -103,9 +134,17 @@ class RefLoRA(LoRA):
                         value.div_(factor ** _MOMENT_POWER[key])
 
     def _before_step(self, optimizer: torch.optim.Optimizer, step: int) -> None:
-        if self.variant == "full" and step >= self.warmup_steps:
+        if self.variant == "full" and self.acts_at(step):
             self.precondition()
 
     def _after_step(self, optimizer: torch.optim.Optimizer, step: int) -> None:
-        if self.variant == "s" and step >= self.warmup_steps:
+        if self.variant == "s" and self.acts_at(step):
             self.rebalance(optimizer)
+
+
+@torch.no_grad()
+def _re_init_(layer: LoRALinear) -> None:
+    """The reference's ``re_init``: A and B kaiming-uniform (a = sqrt 5), the base shifted by ``-s B A``."""
+    _kaiming_uniform_(layer.lora_A)
+    _kaiming_uniform_(layer.lora_B)
+    layer.weight.copy_(layer.weight.double() - layer.scaling * (layer.lora_B.double() @ layer.lora_A.double()))

@@ -1,4 +1,5 @@
-"""VeRA (Kopiczko et al. 2024): one frozen random bank, trained per-layer scaling vectors."""
+"""VeRA (Kopiczko, Blankevoort, Asano, ICLR 2024, arXiv 2310.11454): one frozen random bank, trained
+per-layer scaling vectors. Follows PEFT's ``peft.tuners.vera`` (``VeraConfig``, its bank and init)."""
 from __future__ import annotations
 
 import torch
@@ -16,8 +17,11 @@ class VeRA(Method):
     The bank ``A [r, max_in]``, ``B [max_out, r]`` is drawn kaiming-uniform from
     ``projection_prng_key`` exactly as PEFT's VeRA draws it; each layer reads the slice
     ``A[:, :in]``, ``B[:out]`` in place (a strided view, never copied). ``d`` starts at
-    ``d_initial``, ``b`` at 0. The bank is in the state dict only with ``save_projection=True``;
-    otherwise it is redrawn from the seed the state dict carries.
+    ``d_initial``, ``b`` at 0. PEFT's ``VeraConfig`` names and defaults: ``r=256``,
+    ``projection_prng_key=0``, ``vera_dropout=0.0``, ``d_initial=0.1``, ``save_projection=True``:
+    the bank is in the state dict (so a checkpoint reloads anywhere); with ``False`` it is left out
+    and redrawn from the seed the state dict carries. Layers are ``AdaptedLinear`` reading the bank
+    in the weight's dtype; raises ValueError / TypeError for bad values.
 
     >>> import torch
     >>> net = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
@@ -29,7 +33,7 @@ class VeRA(Method):
     layer_type = AdaptedLinear
 
     def __init__(self, *, r: int = 256, target_modules: TargetModules = "all-linear",
-                 projection_prng_key: int = 0, save_projection: bool = False, vera_dropout: float = 0.0,
+                 projection_prng_key: int = 0, save_projection: bool = True, vera_dropout: float = 0.0,
                  d_initial: float = 0.1, backend: str = "auto") -> None:
         super().__init__(r=r, target_modules=target_modules, backend=backend)
         self.projection_prng_key = check_int("projection_prng_key", projection_prng_key, 0)
