@@ -1,6 +1,6 @@
 """The CPU extension (csrc/cpu/): the adapter branch's masked passes with the dropout mask made in SIMD lanes.
 
-It registers ``torch.ops.lorakern_cpu.{shrink, add_masked_, masked_At, dropout_keep, isa, isas}``
+It registers ``torch.ops.lorakern_cpu.{shrink, add_masked_, masked_At, dropout, dropout_keep, isa, isas}``
 (csrc/cpu/ops.cpp says what each computes). It is built on first use with ninja
 (``torch.utils.cpp_extension.load``, into torch's extension folder, about half a minute on 2
 cores) and loaded from there afterwards; it is rebuilt when a source is newer than the library.
@@ -23,7 +23,7 @@ import torch
 
 from lorakern.cuda import _build_module
 
-__all__ = ["available", "build", "ops", "shrink", "add_masked_", "masked_At", "dropout_keep"]
+__all__ = ["available", "build", "ops", "shrink", "add_masked_", "masked_At", "dropout", "dropout_keep"]
 
 
 def _compiler() -> Optional[str]:
@@ -108,6 +108,11 @@ def add_masked_(dx: torch.Tensor, dq: torch.Tensor, A: torch.Tensor, rows: Optio
 def masked_At(dq: torch.Tensor, x: torch.Tensor, rows: Optional[torch.Tensor], p: float, seed: int) -> torch.Tensor:
     """dA [Ra, K] float32 = dq^T (x[rows] * keep / (1 - p)), bitwise repeatable for a fixed thread count."""
     return ops().masked_At(dq, x, rows, float(p), int(seed))
+
+
+def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """x~ = x * keep / (1 - p), a new contiguous tensor in x's dtype (the M x K pass callers of torch GEMMs need)."""
+    return ops().dropout(x, float(p), int(seed))
 
 
 def dropout_keep(seed: int, M: int, K: int, p: float) -> torch.Tensor:

@@ -203,6 +203,21 @@ def test_masked_At(ops, isa, gen, dtype, layout, rows_kind, p):
         assert rel_err(dA, want) < TOL[dtype], (M, K, Ra)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("dtype,layout", [(dt, lay) for dt in (torch.float32, torch.bfloat16)
+                                          for lay in ("contiguous", "transposed", "columns")])
+def test_dropout(ops, isa, gen, dtype, layout, p):
+    for M, K, _ in SHAPES:
+        seed = int(torch.randint(0, 2**62, (), generator=gen))
+        x = _x(gen, M, K, dtype, layout)
+        out = ops.dropout(x, p, seed)
+        assert out.dtype == dtype and out.is_contiguous()
+        want = x.double() * _keep(ops, seed, M, K, p) / (1 - p)
+        # bf16: x / (1 - p) rounded once
+        assert rel_err(out, want) < (4e-3 if dtype == torch.bfloat16 else TOL[dtype]), (M, K)
+        assert torch.equal(out == 0, want == 0)
+
+
 def test_masked_At_bitwise_repeatable(ops, gen):
     """Per thread count: the same bits on every run (fixed chunks, partials summed in order)."""
     x, dq = randn(gen, 1000, 301), randn(gen, 1000, 16)
@@ -240,6 +255,7 @@ def test_empty(ops, gen):
     ops.add_masked_(dx, torch.empty(0, 3), A, none, 0.1, 1)
     assert torch.equal(dx, x)
     assert ops.dropout_keep(1, 0, 5, 0.1).shape == (0, 5)
+    assert ops.dropout(x[:0], 0.1, 1).shape == (0, 8)
 
 
 def test_errors_name_the_argument(ops, gen):

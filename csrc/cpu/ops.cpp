@@ -5,6 +5,7 @@
 //   shrink(x, A, rows, p, seed) -> q          q [m, Ra] f32 = x~[rows] A^T
 //   add_masked_(dx, dq, A, rows, p, seed)     dx[rows] += (dq A) * keep / (1 - p), in place
 //   masked_At(dq, x, rows, p, seed) -> dA     dA [Ra, K] f32 = dq^T x~[rows]
+//   dropout(x, p, seed) -> x~                 x~ [M, K] in x's dtype, contiguous (M x K written)
 //   dropout_keep(seed, M, K, p) -> keep       bool [M, K]: keep[r, k] = U > p (for tests)
 //   isa(name="") -> str, isas() -> str[]      the row kernels' instruction set: read, or force one
 //
@@ -13,9 +14,10 @@
 // row i). The keep decision of a row always comes from its own row number in x, so a caller may
 // split a batch into row groups (one per adapter) and call once per group. p = 0 means no dropout.
 //
-// Every pass streams over row blocks of `bm` rows (block_rows: ~128 KB of f32, in L2), the
-// blocks split over at::parallel_for's threads. Per worker: one f32 buffer [bm, K] and one row's
-// keep bits (rows.h). The rank-Ra products run in BLAS (at::addmm_out) on a block at a time.
+// shrink, add_masked_ and masked_At stream over row blocks of `bm` rows (block_rows: ~128 KB of
+// f32, in L2), the blocks split over at::parallel_for's threads. Per worker: one f32 buffer
+// [bm, K] and one row's keep bits (rows.h). The rank-Ra products run in BLAS (at::mm_out /
+// at::addmm_out) on a block at a time. dropout and dropout_keep go row by row.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -337,6 +339,38 @@ Tensor masked_At(const Tensor& dq, const Tensor& x, const c10::optional<Tensor>&
   return out;
 }
 
+// dropout: x~ = x * keep / (1 - p), a new contiguous tensor in x's dtype (for callers that hand a
+// dropped input to torch GEMMs: the portable backend's `kept`). Per row: its keep bits, the masked
+// row as f32 (into the output row for f32 x, else a row buffer), times 1 / (1 - p) (rounded once
+// to bf16 for bf16 x).
+Tensor dropout(const Tensor& x, double p, int64_t seed) {
+  check_rows_tensor(x, "x");
+  check_dropout(p, seed);
+  const int64_t M = x.size(0), K = x.size(1);
+  Tensor out = at::empty({M, K}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (M == 0 || K == 0) return out;
+  const Stream s = make_stream(seed, p, K);
+  const Isa* isa = current_isa().load();
+  const float inv = (float)(1.0 / (1.0 - p));
+  const bool f32 = x.scalar_type() == at::kFloat;
+  at::parallel_for(0, M, block_rows(K), [&](int64_t r0, int64_t r1) {
+    Keep keep(isa, p > 0 ? &s : nullptr, K);
+    std::vector<float> row(f32 ? 0 : (size_t)K);
+    for (int64_t r = r0; r < r1; ++r) {
+      if (f32) {
+        float* o = out.data_ptr<float>() + r * K;
+        load_row(x, r, keep.row(r), o, isa);
+        for (int64_t k = 0; k < K; ++k) o[k] *= inv;
+      } else {
+        uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) + r * K;
+        load_row(x, r, keep.row(r), row.data(), isa);
+        for (int64_t k = 0; k < K; ++k) o[k] = f32_to_bf16(row[k] * inv);
+      }
+    }
+  });
+  return out;
+}
+
 Tensor dropout_keep(int64_t seed, int64_t M, int64_t K, double p) {
   check_dropout(p, seed);
   TORCH_CHECK(M >= 0 && K >= 0, "M, K: expected non-negative sizes, got ", M, ", ", K);
@@ -363,6 +397,7 @@ TORCH_LIBRARY(lorakern_cpu, m) {
   m.def("shrink(Tensor x, Tensor A, Tensor? rows, float p, int seed) -> Tensor");
   m.def("add_masked_(Tensor(a!) dx, Tensor dq, Tensor A, Tensor? rows, float p, int seed) -> ()");
   m.def("masked_At(Tensor dq, Tensor x, Tensor? rows, float p, int seed) -> Tensor");
+  m.def("dropout(Tensor x, float p, int seed) -> Tensor");
   m.def("dropout_keep(int seed, int M, int K, float p) -> Tensor", &lorakern::cpu::dropout_keep);
   m.def("isa(str name='') -> str", &lorakern::cpu::select_isa);
   m.def("isas() -> str[]", &lorakern::cpu::isas);
@@ -374,4 +409,5 @@ TORCH_LIBRARY_IMPL(lorakern_cpu, CompositeExplicitAutograd, m) {
   m.impl("shrink", &lorakern::cpu::shrink);
   m.impl("add_masked_", &lorakern::cpu::add_masked_);
   m.impl("masked_At", &lorakern::cpu::masked_At);
+  m.impl("dropout", &lorakern::cpu::dropout);
 }
