@@ -152,7 +152,7 @@ import lorakern.peft as lkpeft  # noqa: E402
 from conftest import tiny_llama  # noqa: E402
 
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-LLAMA = dict(vocab_size=256, hidden_size=48, intermediate_size=80, num_hidden_layers=2, max_position_embeddings=64)
+LLAMA = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=64)  # bnb CPU: N % 32 == 0
 HALVES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
 
 
@@ -182,18 +182,32 @@ class Int4Linear(nn.Linear):
         return F.linear(x, self.weight.to(x.dtype) * self.scale.to(x.dtype))
 
 
-def _quantize(model: nn.Module) -> nn.Module:
+def _bnb_nf4(lin: nn.Linear) -> nn.Module:
+    """bitsandbytes' ``Linear4bit`` (NF4, quantized on the CPU), the QLoRA base."""
+    bnb = pytest.importorskip("bitsandbytes")
+    q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=lin.weight.dtype,
+                          quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4")
+    return q.to(lin.weight.device)
+
+
+QUANTIZED = {"int4": Int4Linear, "bnb-nf4": _bnb_nf4}
+BASES = [pytest.param(None, id="linear"), pytest.param("int4", id="int4-stand-in"),
+         pytest.param("bnb-nf4", id="bnb-nf4")]
+
+
+def _quantize(model: nn.Module, kind: str) -> nn.Module:
     for name, m in list(model.named_modules()):
         for child, lin in list(m.named_children()):
             if child in SEVEN and type(lin) is nn.Linear:
-                setattr(m, child, Int4Linear(lin))
+                setattr(m, child, QUANTIZED[kind](lin))
     return model
 
 
-def llama(dtype, dropout=0.0, quantized=False):
+def llama(dtype, dropout=0.0, quantized=None):
     base = tiny_llama(0, **LLAMA).to(dtype)
     if quantized:
-        base = _quantize(base)
+        base = _quantize(base, quantized)
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=SEVEN, init_lora_weights=False,
                                             lora_dropout=dropout))
     A = model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
@@ -214,7 +228,7 @@ def _lora_grads(model):
 
 
 @pytest.mark.parametrize("dtype", HALVES)
-@pytest.mark.parametrize("quantized", [False, True], ids=["linear", "int4"])
+@pytest.mark.parametrize("quantized", BASES)
 def test_default_precision_fuses_every_call(dtype, quantized, caplog):
     model = llama(dtype, dropout=0.05, quantized=quantized)
     with caplog.at_level("INFO", logger="lorakern.peft"):
@@ -231,7 +245,7 @@ def test_default_precision_fuses_every_call(dtype, quantized, caplog):
 
 
 @pytest.mark.parametrize("dtype", HALVES)
-@pytest.mark.parametrize("quantized", [False, True], ids=["linear", "int4"])
+@pytest.mark.parametrize("quantized", BASES)
 def test_default_precision_matches_stock_peft(dtype, quantized):
     stock = llama(dtype, quantized=quantized)
     patched = copy.deepcopy(stock)
@@ -272,11 +286,34 @@ def _saved_bytes(model, x) -> int:
     return sum(seen.values())
 
 
-def test_quantized_base_saves_less_than_peft_with_dropout():
-    stock = llama(torch.bfloat16, dropout=0.05, quantized=True)
+@pytest.mark.parametrize("quantized", BASES[1:])
+def test_quantized_base_saves_less_than_peft_with_dropout(quantized):
+    stock = llama(torch.bfloat16, dropout=0.05, quantized=quantized)
     patched = copy.deepcopy(stock)
     lkpeft.patch(patched)
     x = ids(3, batch=4, seq=32)
     fused, peft_saved = _saved_bytes(patched, x), _saved_bytes(stock, x)
     assert fused < peft_saved * 0.9, (fused, peft_saved)
     assert lkpeft.report(patched).fallbacks() == 0
+
+
+def test_peft_bnb_layer_class_is_patched_and_fused():
+    """PEFT's own QLoRA layer (``lora.bnb.Linear4bit``, which get_peft_model picks where bitsandbytes
+    has a GPU) is patched too, and its fallback is its own forward."""
+    pytest.importorskip("bitsandbytes")
+    from peft.tuners.lora import bnb as peft_bnb
+
+    if not hasattr(peft_bnb, "Linear4bit"):
+        pytest.skip("peft has no lora.bnb.Linear4bit here")
+    torch.manual_seed(0)
+    base = _bnb_nf4(nn.Linear(64, 96, bias=False).to(torch.bfloat16))
+    stock = peft_bnb.Linear4bit(base, "default", LoraConfig(r=4, lora_alpha=8), r=4, lora_alpha=8,
+                                init_lora_weights=False)
+    model = nn.Sequential(copy.deepcopy(stock))
+    assert lkpeft.patch(model) == 1
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    assert rel_err(model(x).float(), stock(x).float()) < HALF_TOL
+    model[0].merged_adapters.append("default")  # merged: PEFT's own forward (the base alone)
+    assert rel_err(model(x).float(), base(x).float()) == 0
+    rep = lkpeft.report(model)
+    assert rep.calls[lkpeft.layer.FUSED]["train"] == 1 and rep.fallbacks() == 1

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from lorakern.batch import AdapterBatch
-from lorakern.ops import adapter_dtypes, lora_linear
+from lorakern.ops import adapter_dtypes, autocast_dtype, lora_linear
 from lorakern.update import lora_update
 
 try:
@@ -53,6 +53,23 @@ __all__ = ["patch", "unpatch", "enable", "disable", "is_enabled", "report", "Rep
 logger = logging.getLogger(__name__)
 
 _PEFT_FORWARD = PeftLoraLinear.forward
+
+
+def _quantized_classes() -> dict:
+    """PEFT's LoRA layers over bitsandbytes bases (``lora.bnb.Linear4bit`` / ``Linear8bitLt``), where
+    bitsandbytes is installed: {class: its own forward}. They fuse through ``lora_update``."""
+    try:
+        from peft.import_utils import is_bnb_available
+
+        if not is_bnb_available():
+            return {}
+        from peft.tuners.lora import bnb
+    except ImportError:  # pragma: no cover - depends on the peft / bitsandbytes installed
+        return {}
+    return {c: c.forward for c in (getattr(bnb, "Linear4bit", None), getattr(bnb, "Linear8bitLt", None)) if c}
+
+
+_OWN_FORWARD = {PeftLoraLinear: _PEFT_FORWARD, **_quantized_classes()}  # PEFT layer class -> PEFT's forward
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
@@ -142,15 +159,17 @@ def _dtype_reason(x: torch.Tensor, weight: Optional[torch.Tensor], As, Bs, dora:
 def _on_base_output(layer: PeftLoraLinear, x: torch.Tensor, As, Bs, scalings, ps) -> tuple[Optional[torch.Tensor], str]:
     """A base layer the op cannot compute (quantized, hooked, custom): it runs as PEFT runs it, and
     ``lora_update`` adds the adapters into its output."""
-    if torch.is_autocast_enabled(x.device.type):
+    if autocast_dtype(x) is not None:
         return None, "a base layer the op cannot compute, under autocast"
     if any(isinstance(s, torch.Tensor) for s in scalings):
         return None, "a tensor scaling over a base layer the op cannot compute"
     y = layer.base_layer(x)
     if not isinstance(y, torch.Tensor) or y.dtype != x.dtype or y.shape[:-1] != x.shape[:-1]:
         return None, f"base layer {type(layer.base_layer).__name__} returns other than x's dtype and rows"
+    if y._is_view() or not y.is_contiguous():  # a view cannot be updated in place (bitsandbytes returns some)
+        y = y.clone(memory_format=torch.contiguous_format)
     A, B, s, u = _as_one_adapter(As, Bs, scalings, x.device)
-    return lora_update(x, y.contiguous(), A, B, scaling=s, rank_scale=u, dropout_p=ps[0]), ""
+    return lora_update(x, y, A, B, scaling=s, rank_scale=u, dropout_p=ps[0]), ""
 
 
 def _as_one_adapter(As, Bs, scalings, device) -> tuple:
@@ -193,7 +212,7 @@ def _fused(layer: PeftLoraLinear, x: torch.Tensor, args: tuple, kwargs: dict) ->
     As, Bs, scalings, ps, doras = zip(*adapters)
     if any(doras) and (len(adapters) > 1 or adapter_names is not None):
         return None, "DoRA with several adapters in one call"
-    if not torch.is_autocast_enabled(x.device.type):
+    if autocast_dtype(x) is None:
         why = _dtype_reason(x, weight, As, Bs, any(doras))
         if why:
             return None, why
@@ -352,7 +371,7 @@ def _forward(self: PeftLoraLinear, x: torch.Tensor, *args: Any, **kwargs: Any) -
         return y
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug("lora.Linear(%s -> %s): PEFT's own forward: %s", self.in_features, self.out_features, why)
-    return _PEFT_FORWARD(self, x, *args, **kwargs)
+    return _OWN_FORWARD.get(type(self).__dict__.get("_lorakern_peft_class"), _PEFT_FORWARD)(self, x, *args, **kwargs)
 
 
 def _process_forward(self: PeftLoraLinear, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -410,12 +429,12 @@ def patch(model: nn.Module) -> int:
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     count = 0
     for name, m in model.named_modules():
-        if not isinstance(m, PeftLoraLinear):
+        if not isinstance(m, tuple(_OWN_FORWARD)):
             continue
         if _is_patched(m):
             count += 1
             continue
-        if type(m).forward not in (_PEFT_FORWARD, _process_forward):
+        if type(m).forward not in (_OWN_FORWARD.get(type(m), _PEFT_FORWARD), _process_forward):
             logger.warning("lorakern.peft: %s (%s) has its own forward: left alone", name, type(m).__name__)
             continue
         m.__class__ = _fused_class(type(m))
@@ -459,10 +478,11 @@ def enable() -> None:
 
 def disable() -> None:
     """Undo ``enable()``: PEFT's ``lora.Linear`` runs its own forward again (patched models stay
-    patched). Compiled models see it too: their fused forward reads a flag torch.compile guards."""
+    patched). Compiled models see it too: the class keeps the forward ``enable()`` installed, which
+    reads a flag torch.compile guards and, with the flag off, calls PEFT's forward (compiled code
+    traced under either setting then recompiles when it changes)."""
     global _ENABLED
     _ENABLED = False
-    PeftLoraLinear.forward = _PEFT_FORWARD
 
 
 def is_enabled() -> bool:
