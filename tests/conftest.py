@@ -1,6 +1,6 @@
 """Shared test fixtures: the (backend, device, dtype) cases each tier runs, and the tiny Llama.
 
-Tiers (markers): default = the torch backend on CPU; ``interpret`` = the triton backend on CPU
+Tiers (markers): default = the torch and cpu backends on CPU; ``interpret`` = the triton backend on CPU
 under TRITON_INTERPRET=1 (fp32, fp16); ``gpu`` = every backend on CUDA in bf16, fp16 and fp32.
 """
 from __future__ import annotations
@@ -20,6 +20,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # the tiny Llama the PEFT and methods tests build from a config (no downloads)
 TINY_LLAMA = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2)
+# the narrower one of the PEFT-integration tests: tiny_llama(seed, **PEFT_LLAMA)
+PEFT_LLAMA = dict(vocab_size=256, hidden_size=48, intermediate_size=80, max_position_embeddings=64)
 
 
 def tiny_llama(seed: int = 0, **config):
@@ -34,6 +36,16 @@ def tiny_llama(seed: int = 0, **config):
 
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **config}))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module of tiny models (faster, far faster on a shared, busy
+    machine): ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @dataclass(frozen=True)
@@ -54,6 +66,7 @@ class Case:
 def _cases():
     out = [pytest.param(Case("torch", "cpu", torch.float32), id="torch-cpu-fp32"),
            pytest.param(Case("torch", "cpu", torch.float64), id="torch-cpu-fp64")]
+    out += [pytest.param(Case("cpu", "cpu", dt), id=f"cpu-cpu-{str(dt)[6:]}") for dt in (torch.float32, torch.bfloat16)]
     for dt in (torch.float32, torch.float16):
         out.append(pytest.param(Case("triton", "cpu", dt), id=f"triton-interp-{str(dt)[6:]}",
                                 marks=pytest.mark.interpret))

@@ -301,7 +301,7 @@ def test_enable_disable_cover_present_and_future_layers(fused):
         assert lkpeft.unpatch(future) == 7 * LAYERS
     finally:
         lkpeft.disable()
-    assert not lkpeft.is_enabled() and PeftLoraLinear.forward is lkpeft.layer._PEFT_FORWARD
+    assert not lkpeft.is_enabled()
     n = len(fused)
     logits(present, ids), logits(future, ids)
     assert len(fused) == n
