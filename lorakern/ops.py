@@ -451,6 +451,15 @@ def lora_linear(
     ``base_scale`` (c, [N], trainable) scales the base path per output column (DoRA's magnitude
     ratio; ARCHITECTURE.md). ``deterministic=True`` (None: ``torch.are_deterministic_algorithms_enabled()``)
     makes every backend sum in a fixed order, so repeated calls agree bit for bit.
+
+    Dtypes: weight, bias and base_scale in x's dtype. ``lora_A`` / ``lora_B`` in one dtype: x's, or
+    float32 beside a float16 / bfloat16 x (PEFT's default precision); ``rank_scale`` / ``out_scale``
+    in x's or the adapters' dtype. Mixed, the adapter branch is computed as PEFT computes it: in
+    float32, added to the half-precision base product and rounded once to x's dtype (the ``torch``
+    backend; ``triton`` and ``cuda`` round the adapters to x's dtype before their kernels), and the
+    adapters' gradients are float32. A dtype outside these raises TypeError naming the argument,
+    the dtypes allowed and the one given, before any kernel runs. A base layer the op cannot
+    compute (quantized, hooked): ``lorakern.lora_update`` adds the adapter into its output.
     """
     dt = autocast_dtype(x)
     if dt is not None:

@@ -75,8 +75,10 @@ def test_fp32_adapter_banks_beside_bf16_x():
 
 
 @pytest.mark.parametrize("args,match", [
-    (dict(A=torch.float64, B=torch.float64), r"lora_A: expected dtype torch.bfloat16 or torch.float32 .* got torch.float64"),
-    (dict(A=torch.float32, B=torch.bfloat16), r"lora_B: expected dtype torch.float32 \(that of lora_A\), got torch.bfloat16"),
+    (dict(A=torch.float64, B=torch.float64),
+     r"lora_A: expected dtype torch.bfloat16 or torch.float32 .* got torch.float64"),
+    (dict(A=torch.float32, B=torch.bfloat16),
+     r"lora_B: expected dtype torch.float32 \(that of lora_A\), got torch.bfloat16"),
     (dict(A=torch.float32, B=torch.float32, u=torch.float16), r"rank_scale: expected dtype .*, got torch.float16"),
 ])
 def test_bad_adapter_dtypes_name_the_argument(args, match):
@@ -125,7 +127,8 @@ def test_lora_update_saves_nothing_m_by_k_of_its_own():
 
 
 @pytest.mark.parametrize("kw,err,match", [
-    (dict(base_output=torch.zeros(24, 36, dtype=torch.float32)), TypeError, "base_output: expected dtype torch.bfloat16"),
+    (dict(base_output=torch.zeros(24, 36, dtype=torch.float32)), TypeError,
+     "base_output: expected dtype torch.bfloat16"),
     (dict(base_output=torch.zeros(23, 36, dtype=torch.bfloat16)), ValueError, "base_output: expected shape"),
     (dict(base_output=torch.zeros(36, 24, dtype=torch.bfloat16).T), ValueError, "base_output: expected a contiguous"),
     (dict(dropout_p=1.0), ValueError, "dropout_p"),
@@ -152,7 +155,8 @@ import lorakern.peft as lkpeft  # noqa: E402
 from conftest import tiny_llama  # noqa: E402
 
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-LLAMA = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=64)  # bnb CPU: N % 32 == 0
+# out-features multiples of 32: bitsandbytes' CPU 4-bit kernel asks for it
+LLAMA = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=64)
 HALVES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
 
 

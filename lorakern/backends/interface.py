@@ -61,8 +61,8 @@ class Operands(NamedTuple):
     x: torch.Tensor                          # [M, K], any strides
     weight: torch.Tensor                     # [N, K], any strides
     bias: Optional[torch.Tensor]             # [N]
-    lora_A: torch.Tensor                     # [R, K] or [G, R, K], any strides
-    lora_B: torch.Tensor                     # [N, R] or [G, N, R], any strides
+    lora_A: torch.Tensor                     # [R, K] or [G, R, K], any strides; x's dtype or fp32
+    lora_B: torch.Tensor                     # [N, R] or [G, N, R], any strides; lora_A's dtype
     scaling_g: Optional[torch.Tensor]        # [G] float32 (float64 for float64 x): per-adapter s
     rank_scale: Optional[torch.Tensor]       # [R] or [G, R]: u * m
     rank_idx: Optional[torch.Tensor]         # int64 [Ra]: the active ranks (None: all R)
