@@ -246,6 +246,19 @@ def test_strided_A_and_dq(ops, gen):
                        ops.masked_At(dq, x, None, p, seed))
 
 
+def test_inputs_that_require_grad(ops, gen):
+    """Several row blocks (K = 40000: one row each) on worker threads, whose grad mode is on, with
+    inputs that require grad: no autograd error from the BLAS calls, the same values."""
+    x, A, dq = randn(gen, 3, 40000), randn(gen, 2, 40000), randn(gen, 3, 2)
+    want = (ops.shrink(x, A, None, 0.2, 3), ops.masked_At(dq, x, None, 0.2, 3))
+    x.requires_grad_(), A.requires_grad_(), dq.requires_grad_()
+    assert torch.equal(ops.shrink(x, A, None, 0.2, 3), want[0])
+    assert torch.equal(ops.masked_At(dq, x, None, 0.2, 3), want[1])
+    dx = torch.zeros(3, 40000)
+    ops.add_masked_(dx, dq, A, None, 0.2, 3)
+    assert dx.abs().sum() > 0
+
+
 def test_empty(ops, gen):
     x, A = randn(gen, 5, 8), randn(gen, 3, 8)
     none = torch.empty(0, dtype=torch.int64)

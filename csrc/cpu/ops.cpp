@@ -254,6 +254,7 @@ Tensor shrink(const Tensor& x, const Tensor& A, const c10::optional<Tensor>& row
   const Tensor aT = a.t();
   const int64_t bm = block_rows(K), nb = (m + bm - 1) / bm;
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    const at::NoGradGuard no_grad;  // grad mode is per thread: on in a fresh worker
     Keep keep(isa, p > 0 ? &s : nullptr, K);
     Tensor buf = at::empty({bm, K}, q.options());
     for (int64_t b = b0; b < b1; ++b) {
@@ -285,6 +286,7 @@ void add_masked_(const Tensor& dx, const Tensor& dq, const Tensor& A, const c10:
   const Tensor d = dq.contiguous();
   const int64_t bm = block_rows(K), nb = (m + bm - 1) / bm;
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    const at::NoGradGuard no_grad;  // grad mode is per thread: on in a fresh worker
     Keep keep(isa, p > 0 ? &s : nullptr, K);
     Tensor buf = at::empty({bm, K}, d.options());
     float* v = buf.data_ptr<float>();
@@ -323,6 +325,7 @@ Tensor masked_At(const Tensor& dq, const Tensor& x, const c10::optional<Tensor>&
   const int64_t chunks = std::min<int64_t>(nb, at::get_num_threads());
   Tensor partial = at::empty({chunks - 1, Ra, K}, out.options());
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    const at::NoGradGuard no_grad;  // grad mode is per thread: on in a fresh worker
     Keep keep(isa, p > 0 ? &s : nullptr, K);
     Tensor buf = at::empty({bm, K}, out.options());
     for (int64_t c = c0; c < c1; ++c) {

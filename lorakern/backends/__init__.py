@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from lorakern.backends import portable
+from lorakern.backends import cpu, portable
 from lorakern.backends.interface import Backend
 
 __all__ = ["BACKENDS", "NAMES", "Missing", "get", "status", "runs_on"]
@@ -37,7 +37,7 @@ except ImportError as e:  # triton is optional (no wheel for the platform)
 
 from lorakern import cuda as _cuda  # noqa: E402  (loads nothing until asked)
 
-BACKENDS: dict[str, Backend] = {"torch": portable, "triton": _triton, "cuda": _cuda}
+BACKENDS: dict[str, Backend] = {"torch": portable, "cpu": cpu, "triton": _triton, "cuda": _cuda}
 NAMES: tuple[str, ...] = tuple(BACKENDS)
 
 
