@@ -195,9 +195,17 @@ def _bnb_nf4(lin: nn.Linear) -> nn.Module:
     return q.to(lin.weight.device)
 
 
-QUANTIZED = {"int4": Int4Linear, "bnb-nf4": _bnb_nf4}
+def _bnb_int8(lin: nn.Linear) -> nn.Module:
+    """bitsandbytes' ``Linear8bitLt`` (LLM.int8 weights, no outlier threshold), quantized on the CPU."""
+    bnb = pytest.importorskip("bitsandbytes")
+    q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=False, has_fp16_weights=False, threshold=0.0)
+    q.weight = bnb.nn.Int8Params(lin.weight.data, requires_grad=False, has_fp16_weights=False)
+    return q.to(lin.weight.device)
+
+
+QUANTIZED = {"int4": Int4Linear, "bnb-nf4": _bnb_nf4, "bnb-int8": _bnb_int8}
 BASES = [pytest.param(None, id="linear"), pytest.param("int4", id="int4-stand-in"),
-         pytest.param("bnb-nf4", id="bnb-nf4")]
+         pytest.param("bnb-nf4", id="bnb-nf4"), pytest.param("bnb-int8", id="bnb-int8")]
 
 
 def _quantize(model: nn.Module, kind: str) -> nn.Module:

@@ -14,8 +14,10 @@ DoRA (one active adapter, without dropout or in eval) is fused too: PEFT's own w
 cache included) gives the ratio ``m / ||W + s B A||``, which enters the op as ``base_scale`` and
 ``out_scale``. PEFT's default precision (a bf16 / fp16 base, fp32 adapters, no autocast) is fused
 as PEFT computes it (the op's mixed precision). A base layer the op cannot compute (a quantized
-``nn.Linear`` subclass, a hooked or custom base) runs itself, and ``lorakern.lora_update`` adds
-the adapters into its output (dropout fused, nothing M x K saved). A call that cannot be fused
+``nn.Linear`` subclass such as bitsandbytes' ``Linear4bit`` / ``Linear8bitLt``, a hooked or custom
+base) runs itself, and ``lorakern.lora_update`` adds the adapters into its output (dropout fused,
+nothing M x K saved); PEFT's own bitsandbytes LoRA layers (``lora.bnb.Linear4bit`` /
+``Linear8bitLt``) are patched too. A call that cannot be fused
 runs PEFT's own forward, is counted in the layer's counters (``report(model)`` gives the table;
 ``patch`` logs it at INFO) and says why in a debug log line: DoRA with dropout in training (PEFT
 feeds the dropped input to the base path too), DoRA with fp32 adapters beside a half-precision
