@@ -279,7 +279,7 @@ def test_default_precision_matches_stock_peft(dtype, quantized):
             assert len(gs) == 28
             for n in gs:
                 assert gp[n].dtype == torch.float32
-                assert rel_err(gp[n], gs[n]) < 5 * HALF_TOL, n
+                assert rel_err(gp[n], gs[n]) < 2 * HALF_TOL, n  # gradients: twice the output bound
         for opt in opts:
             opt.step()
     assert lkpeft.report(patched).fallbacks() == 0
