@@ -3,9 +3,10 @@
 Per element of x (ns / (M K)), median of timed repeats after warm-up, inputs rotated over several
 fresh draws, fp32, r = 16, dropout 0.1, for 1 and 2 threads (torch.set_num_threads):
 
-- mask:   the keep-mask alone. ext: ``dropout_keep`` (bool [M, K] written) and the mask's share of
-          ``shrink`` (p = 0.1 minus p = 0); torch: ``torch.rand(M, K) >= p`` (the torch backend);
-          peft: ``nn.Dropout`` forward (``bernoulli_`` and the multiply).
+- mask:   the keep-mask alone. ext: ``dropout_keep`` (bool [M, K] written), the mask's share of
+          ``shrink`` (p = 0.1 minus p = 0) and ``dropout`` (x~ written: what the cpu backend's
+          ``kept`` hook makes); torch: ``torch.rand(M, K) >= p`` (the torch backend); peft:
+          ``nn.Dropout`` forward (``bernoulli_`` and the multiply).
 - fwd:    the adapter's forward masked pass, q = x~ A^T. ext: ``shrink``; torch: rand, where, mm;
           peft: nn.Dropout, mm.
 - bwd:    dx += (dq A) * keep / (1 - p) and dA = dq^T x~. ext: ``add_masked_`` + ``masked_At``;
@@ -88,7 +89,7 @@ def run(shapes, threads, reps: int, clock: str) -> None:
     ops = cpu_ext.ops()
     print(f"CPU extension: {ops.isa()} (of {', '.join(ops.isas())}); torch {torch.__version__}; fp32, r = {R}, "
           f"p = {P}; ns per element of x, median of {reps}, {clock} clock")
-    head = (f"{'shape':>10} {'thr':>3} | {'mask: ext':>9} {'in shrink':>9} {'torch':>6} {'peft':>6} | "
+    head = (f"{'shape':>10} {'thr':>3} | {'mask: ext':>9} {'in shrink':>9} {'x~':>5} {'torch':>6} {'peft':>6} | "
             f"{'fwd: ext':>8} {'torch':>6} {'peft':>6} | {'bwd: ext':>8} {'torch':>6} {'peft':>6} | "
             f"{'f+b: ext':>8} {'torch':>6} {'peft':>6} {'/torch':>6} {'/peft':>6}")
     print(head)
@@ -106,6 +107,7 @@ def run(shapes, threads, reps: int, clock: str) -> None:
                 keep_peft = ns(lambda x, *_: torch.nn.functional.dropout(x, P))
                 fwd_ext = ns(lambda x, A, *_: ops.shrink(x, A, None, P, SEED))
                 in_shrink = fwd_ext - ns(lambda x, A, *_: ops.shrink(x, A, None, 0.0, SEED))
+                dropped = ns(lambda x, *_: ops.dropout(x, P, SEED))
                 fwd_torch, fwd_peft = ns(_torch_fwd), ns(_peft_fwd)
 
                 def bwd_ext(x, A, dq, dx, mask):
@@ -114,7 +116,8 @@ def run(shapes, threads, reps: int, clock: str) -> None:
 
                 bwd_ext_t, bwd_torch, bwd_peft = ns(bwd_ext), ns(_torch_bwd), ns(_peft_bwd)
                 fb = (fwd_ext + bwd_ext_t, fwd_torch + bwd_torch, fwd_peft + bwd_peft)
-                print(f"{M:>5}x{K:<4} {t:>3} | {keep_ext:>9.2f} {in_shrink:>9.2f} {keep_torch:>6.2f} {keep_peft:>6.2f} | "
+                print(f"{M:>5}x{K:<4} {t:>3} | {keep_ext:>9.2f} {in_shrink:>9.2f} {dropped:>5.2f} {keep_torch:>6.2f} "
+                      f"{keep_peft:>6.2f} | "
                       f"{fwd_ext:>8.2f} {fwd_torch:>6.2f} {fwd_peft:>6.2f} | {bwd_ext_t:>8.2f} {bwd_torch:>6.2f} "
                       f"{bwd_peft:>6.2f} | {fb[0]:>8.2f} {fb[1]:>6.2f} {fb[2]:>6.2f} {fb[0] / fb[1]:>6.2f} "
                       f"{fb[0] / fb[2]:>6.2f}", flush=True)
