@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from lorakern import backends
 from lorakern.backends.interface import Grads, Needs, Operands, Problem, qdtype
@@ -361,7 +362,9 @@ class _Direct(torch.autograd.Function):
     Supported: double backward (``create_graph=True``: the gradients are composed from
     differentiable torch ops, ``_composed``), forward-mode AD (``torch.func.jvp``,
     ``torch.autograd.forward_ad``: ``jvp`` below) and ``torch.func`` transforms (``setup_context``
-    style, vmap rule generated).
+    style, vmap rule generated; with dropout, vmap needs ``randomness="same"``, and vmap raises
+    for random ops without it). The registered op has no jvp rule: forward-mode AD through it
+    (torch.compile, jit.trace, meta, tensor subclasses) raises NotImplementedError.
     """
 
     generate_vmap_rule = True
@@ -397,6 +400,14 @@ class _Direct(torch.autograd.Function):
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _has_tangent(*tensors) -> bool:
+    """Whether a ``torch.autograd.forward_ad`` tangent rides on any of ``tensors`` (the registered
+    op has no jvp rule: it would drop it)."""
+    if fwAD._current_level < 0:
+        return False
+    return any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
 
 
 # --------------------------------------------------------------------------- the public entry point
@@ -512,6 +523,10 @@ def lora_linear(
     # tensors take the registered op
     direct = (not torch.compiler.is_compiling() and not torch.jit.is_tracing() and x2.device.type != "meta"
               and all(type(t) in _PLAIN for t in (x2, weight, lora_A, lora_B)))
+    if not direct and _has_tangent(x2, weight, bias, lora_A, lora_B, rank_scale, out_scale, base_scale):
+        raise NotImplementedError("lora_linear: forward-mode AD (a dual tensor) through the registered op, which "
+                                  "torch.compile, torch.jit.trace, the meta device and tensor subclasses take, "
+                                  "is not supported; plain eager tensors support it")
     y, _ = (_Direct.apply if direct else _fwd)(x2, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale,
                                                rank_idx, out_scale, dropout_p, seed_t, adapter_index, row_order,
                                                adapter_rows, base_scale, name, deterministic)
