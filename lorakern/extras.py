@@ -21,9 +21,6 @@ __all__ = ["EXTRAS", "MissingDependency", "require", "ensure", "quiet"]
 
 EXTRAS = {"peft": "peft", "transformers": "peft", "tqdm": "peft", "matplotlib": "bench"}
 
-# third-party loggers that speak up from inside lorakern's own calls (torch's "No CUDA runtime is found")
-_LOGGERS = ("torch.utils.cpp_extension",)
-
 
 class MissingDependency(ImportError):
     """An optional dependency is not installed; the message names the ``pip install`` that brings it."""
@@ -71,16 +68,14 @@ def _message(errors: dict, purpose: str, extra: Optional[str]) -> str:
 
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
-    """Python warnings and the log lines of known third-party loggers are dropped inside (used
-    around the calls that emit them while lorakern prints a table). Not thread-safe."""
-    loggers = [logging.getLogger(name) for name in _LOGGERS]
-    before = [lg.disabled for lg in loggers]
+    """Python warnings and log records up to WARNING (torch's "No CUDA runtime is found", a
+    dependency's import-time notices) are dropped inside; used around the third-party calls that
+    emit them while lorakern prints a table. Not thread-safe."""
+    before = logging.root.manager.disable
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for lg in loggers:
-            lg.disabled = True
+        logging.disable(max(before, logging.WARNING))
         try:
             yield
         finally:
-            for lg, was in zip(loggers, before):
-                lg.disabled = was
+            logging.disable(before)

@@ -62,7 +62,8 @@ def test_quiet_drops_third_party_warnings_and_log_lines(caplog, recwarn):
         log.warning("No CUDA runtime is found, using CUDA_HOME='x'")
         warnings.warn("a third-party warning")
     assert "No CUDA runtime" not in caplog.text and not recwarn.list
-    assert not log.disabled
+    log.warning("after the block")
+    assert "after the block" in caplog.text
 
 
 def test_check_prints_one_row_per_backend():
