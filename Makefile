@@ -5,7 +5,7 @@ VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.lorakern-installed
 export CUDA_HOME ?= /usr/local/cuda
 
-.PHONY: demo test test-default test-interpret check cuda gpu-check bench bench-compare clean
+.PHONY: demo test test-default test-interpret check cuda gpu-check bench bench-compare methods clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ bench-compare:
 	mkdir -p out
 	PYTHONPATH=$(CURDIR) $(PYTHON) -m lorakern.cli bench --quick --json out/bench-fresh.json
 	PYTHONPATH=$(CURDIR) $(PYTHON) bench/compare.py out/bench-fresh.json
+
+# the method bench: each method on small CPU tasks beside PEFT's, the seed papers' claims (docs/methods.md)
+methods: $(STAMP)
+	$(VPY) bench/methods.py --out out
 
 clean:
 	rm -rf build *.egg-info $(VENV)
