@@ -13,7 +13,6 @@ Without a C++ compiler (and no library built before) it is unavailable and calle
 """
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 import sys
@@ -59,12 +58,22 @@ def build(verbose: bool = False) -> str:
     return path
 
 
-@functools.lru_cache(maxsize=None)
+_STATUS: list[tuple[bool, str]] = []  # available()'s answer, once known
+
+
+@torch.compiler.assume_constant_result
 def available() -> tuple[bool, str]:
     """``(True, "")`` once the extension is loaded, else ``(False, "unavailable: <reason>")``.
 
     The first call loads the built library, or builds it (a failed build prints its log to
-    stderr); cached."""
+    stderr); later calls return that answer. torch.compile runs it as it is, never traces it (the
+    op's backend choice asks for it inside compiled code, possibly first)."""
+    if not _STATUS:
+        _STATUS.append(_load())
+    return _STATUS[0]
+
+
+def _load() -> tuple[bool, str]:
     if hasattr(torch.ops, "lorakern_cpu") and hasattr(torch.ops.lorakern_cpu, "shrink"):
         return True, ""
     path = _library()[1]

@@ -303,3 +303,50 @@ def test_no_compiler_is_one_line(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     ok, why = eval(r.stdout.strip().splitlines()[-1])
     assert not ok and why == f"unavailable: no C++ compiler found ({tmp_path / 'no-such-c++'}; set CXX)"
+
+
+# --------------------------------------------------------------------------- the cpu backend (the op's suite
+# runs it through conftest's cases; here: the registered ops and torch.compile)
+
+
+def test_backend_opcheck(ops, gen):
+    from lorakern.ops import _bwd, _fwd
+
+    x, W, A, B = randn(gen, 6, 10), randn(gen, 8, 10), randn(gen, 4, 10), randn(gen, 8, 4)
+    b, c, u, v = randn(gen, 8), torch.rand(8) + 0.5, randn(gen, 4), randn(gen, 8)
+    for t in (x, A, B, c):
+        t.requires_grad_()
+    fwd_args = (x, W, b, A, B, 0.5, None, u, None, v, 0.1, torch.tensor(9), None, None, None, c, "cpu", False)
+    torch.library.opcheck(_fwd, fwd_args)
+    y, q = _fwd(*fwd_args)
+    needs = [True, False, True, True, True, True, True, True]
+    x, A, B, c = (t.detach() for t in (x, A, B, c))
+    torch.library.opcheck(_bwd, (randn(gen, *y.shape), x, W, A, B, 0.5, None, u, None, v, 0.1, torch.tensor(9),
+                                 None, None, None, c, q.detach(), needs, "cpu", False))
+
+
+def test_backend_under_torch_compile(ops):
+    """In a fresh process, compiled first (the backend choice then loads the extension inside
+    compiled code), fullgraph (aot_eager: the registered op runs the cpu backend) gives the eager
+    bits, dropout on, forward and gradients."""
+    code = """
+import torch, lorakern
+g = torch.Generator().manual_seed(0)
+x, W, b = torch.randn(9, 24, generator=g), torch.randn(16, 24, generator=g), torch.randn(16, generator=g)
+A = torch.randn(4, 24, generator=g).requires_grad_()
+B = torch.randn(16, 4, generator=g).requires_grad_()
+def run(f):
+    y = f(x)
+    y.square().sum().backward()
+    out = (y.detach(), A.grad.clone(), B.grad.clone())
+    A.grad = B.grad = None
+    return out
+for backend in ("cpu", "auto"):
+    f = lambda x: lorakern.lora_linear(x, W, b, A, B, scaling=0.5, dropout_p=0.2, seed=11, backend=backend)
+    compiled = run(torch.compile(f, fullgraph=True, backend="aot_eager"))
+    assert all(torch.equal(c, e) for c, e in zip(compiled, run(f))), backend
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
