@@ -246,8 +246,8 @@ def test_per_sample_gradients_with_dropout(dtype):
 def small_peft(seed=0, dtype=torch.float32, **lora):
     torch.manual_seed(seed)
     base = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
-    return get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"], init_lora_weights=False,
-                                           **lora))
+    kw = dict(r=2, lora_alpha=4, target_modules=["0", "2"], init_lora_weights=False)
+    return get_peft_model(base, LoraConfig(**{**kw, **lora}))
 
 
 def stock_and_patched(model):
@@ -554,18 +554,26 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def test_compiled_tensor_scaling_swaps_without_recompiling(fresh_dynamo):
-    """PEFT's compiled hot-swapping keeps scalings as tensors and writes new values in place."""
-    stock, patched = stock_and_patched(small_peft())
-    layers = [m for m in patched.modules() if lkpeft.layer._is_patched(m)]
-    for m in [*layers, *(m for m in stock.modules() if isinstance(m, lkpeft.layer.PeftLoraLinear))]:
-        m.scaling["default"] = torch.tensor(float(m.scaling["default"]))
+def test_compiled_hotswap_keeps_one_graph(fresh_dynamo):
+    """PEFT's compiled hot-swapping (``prepare_model_for_compiled_hotswap``, then
+    ``hotswap_adapter_from_state_dict``): tensor scalings, one fullgraph graph for every swap."""
+    from peft import get_peft_model_state_dict
+    from peft.utils.hotswap import hotswap_adapter_from_state_dict, prepare_model_for_compiled_hotswap
+    from peft.utils.save_and_load import _insert_adapter_name_into_state_dict
+
+    model = small_peft()
+    prepare_model_for_compiled_hotswap(model, target_rank=2)
+    stock, patched = stock_and_patched(model)
     rec = Recorder()
     compiled = torch.compile(patched, backend=rec, fullgraph=True)
     x = torch.randn(3, 6)
-    for s in (2.0, 0.5, 3.0):
-        for m in [*layers, *(m for m in stock.modules() if isinstance(m, lkpeft.layer.PeftLoraLinear))]:
-            m.scaling["default"].fill_(s)
+    torch.testing.assert_close(compiled(x), stock(x))
+    for seed, alpha in ((1, 8), (2, 1)):
+        new = small_peft(seed, lora_alpha=alpha)
+        sd = _insert_adapter_name_into_state_dict(get_peft_model_state_dict(new), adapter_name="default",
+                                                  parameter_prefix="lora_")
+        for m in (stock, patched):
+            hotswap_adapter_from_state_dict(m, sd, adapter_name="default", config=new.peft_config["default"])
         torch.testing.assert_close(compiled(x), stock(x))
     assert len(rec.graphs) == 1 and "lorakern.lora_linear_fwd" in rec.graphs[0]
 

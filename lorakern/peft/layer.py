@@ -424,6 +424,11 @@ def patch(model: nn.Module) -> int:
 
     Returns the number of layers of ``model`` that now run fused (calling it twice is harmless).
     Layers added later (new target modules) are not covered: patch again, or use ``enable()``.
+    Each layer's class becomes a fused subclass of its PEFT class (nothing is stored in the
+    layer), so a patched model is freed at ``del``, and ``copy`` / ``deepcopy``, pickling,
+    ``torch.save`` and ``nn.DataParallel`` replicas stay patched with their own parameters; it
+    works under torch.compile (tensor scalings included), ``torch.func``, ``torch.jit.trace`` and
+    autocast. Raises TypeError when ``model`` is not an ``nn.Module``.
 
     >>> n = lorakern.peft.patch(peft_model)  # doctest: +SKIP
     """
