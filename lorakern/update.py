@@ -46,6 +46,9 @@ class _Update(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        if torch.is_grad_enabled():  # its gradients would treat the saved q as a constant: refuse, never a wrong number
+            raise NotImplementedError("lora_update: double backward (create_graph=True, torch.func) is not supported; "
+                                      "lora_linear supports it")
         x, A, B, rank_scale, q = ctx.saved_tensors
         n = ctx.needs_input_grad
         needs = Needs(x=n[1], lora_A=n[2], lora_B=n[3], rank_scale=n[4])

@@ -122,6 +122,17 @@ def test_double_backward_of_the_auto_backend_in_float32():
         torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-4)
 
 
+def test_double_backward_of_lora_update_raises():
+    """lora_update (a base output the op cannot compute) refuses create_graph=True: never a wrong number."""
+    x, A, B = leaves((5, 6), (2, 6), (3, 2))
+    y = lorakern.lora_update(x, x.detach() @ torch.randn(3, 6, dtype=F64).T, A, B, scaling=2.0)
+    (gA,) = torch.autograd.grad(y.square().sum(), A)  # first order works
+    assert gA.shape == A.shape
+    y = lorakern.lora_update(x, x.detach() @ torch.randn(3, 6, dtype=F64).T, A, B, scaling=2.0)
+    with pytest.raises(NotImplementedError, match="lora_update: double backward"):
+        torch.autograd.grad(y.square().sum(), A, create_graph=True)
+
+
 class MLP(nn.Module):
     def __init__(self, make):
         super().__init__()
