@@ -83,6 +83,8 @@ def lora_update(
         TypeError: a non-tensor, or a dtype outside the above (the message names argument and dtypes).
         ValueError: shapes that do not match, a device other than x's, a non-contiguous base_output,
             ``dropout_p`` outside [0, 1), a bad seed.
+        NotImplementedError: in backward, double backward (``create_graph=True``); torch.func
+            transforms raise torch's own error (``lora_linear`` supports both).
 
     >>> y = lora_update(x, base(x), A, B, scaling=2.0, dropout_p=0.05)  # doctest: +SKIP
     """
