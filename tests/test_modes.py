@@ -267,7 +267,7 @@ def stock_and_patched(model):
     return model, patched
 
 
-def fused_types(model):
+def patched_layers(model):
     return [m for m in model.modules() if lkpeft.layer._is_patched(m)]
 
 
@@ -481,7 +481,7 @@ def test_replicas_run_their_own_parameters():
     torch.testing.assert_close(outs[1][0], outs[0][0])
     for a, b in zip(outs[1][1], outs[0][1]):
         torch.testing.assert_close(a, b)
-    assert len(fused_types(patched)) == 2
+    assert len(patched_layers(patched)) == 2
 
 
 @pytest.mark.parametrize("how", ["copy", "deepcopy", "pickle", "torch.save"])
@@ -499,7 +499,7 @@ def test_copies_and_pickles_stay_patched_with_their_own_parameters(how):
         torch.save(patched, buf)
         buf.seek(0)
         twin = torch.load(buf, weights_only=False)
-    assert len(fused_types(twin)) == 2
+    assert len(patched_layers(twin)) == 2
     torch.testing.assert_close(twin(x), stock(x))
     if how != "copy":
         with torch.no_grad():
@@ -509,7 +509,7 @@ def test_copies_and_pickles_stay_patched_with_their_own_parameters(how):
         torch.testing.assert_close(patched(x), stock(x))
         with stock.disable_adapter():
             torch.testing.assert_close(twin(x), stock(x))
-    assert lkpeft.unpatch(twin) == 2 and not fused_types(twin)
+    assert lkpeft.unpatch(twin) == 2 and not patched_layers(twin)
 
 
 # --------------------------------------------------------------------------- 7. jit.trace + save, torch.export
