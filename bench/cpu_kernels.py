@@ -15,7 +15,7 @@ fresh draws, fp32, r = 16, dropout 0.1, for 1 and 2 threads (torch.set_num_threa
 - fwd+bwd: the sum, and the ext's ratio to torch and to peft.
 
     python bench/cpu_kernels.py [--reps 15] [--shapes 1024x256,1024x704,4096x2048] [--threads 1,2]
-                                [--clock wall|cpu]
+                                [--clock wall|cpu] [--isa avx512|avx2|generic]
 """
 from __future__ import annotations
 
@@ -85,8 +85,10 @@ def _peft_bwd(x, A, dq, dx, mask):
     return dA
 
 
-def run(shapes, threads, reps: int, clock: str) -> None:
+def run(shapes, threads, reps: int, clock: str, isa: str) -> None:
     ops = cpu_ext.ops()
+    if isa:
+        ops.isa(isa)
     print(f"CPU extension: {ops.isa()} (of {', '.join(ops.isas())}); torch {torch.__version__}; fp32, r = {R}, "
           f"p = {P}; ns per element of x, median of {reps}, {clock} clock")
     head = (f"{'shape':>10} {'thr':>3} | {'mask: ext':>9} {'in shrink':>9} {'x~':>5} {'torch':>6} {'peft':>6} | "
@@ -132,9 +134,10 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", default="1,2", help="thread counts, comma-separated")
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                     help="wall time, or the process's CPU time (all its threads: steadier on a shared machine)")
+    ap.add_argument("--isa", default="", help="the row kernels' instruction set (default: the best this CPU runs)")
     a = ap.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
-    run(shapes, [int(t) for t in a.threads.split(",")], a.reps, a.clock)
+    run(shapes, [int(t) for t in a.threads.split(",")], a.reps, a.clock, a.isa)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import torch
 
 from lorakern.cuda import _build_module
 
-__all__ = ["available", "build", "ops", "shrink", "add_masked_", "masked_At", "dropout", "dropout_keep"]
+__all__ = ["available", "isas", "build", "ops", "shrink", "add_masked_", "masked_At", "dropout", "dropout_keep"]
 
 
 def _compiler() -> Optional[str]:
@@ -58,19 +58,32 @@ def build(verbose: bool = False) -> str:
     return path
 
 
-_STATUS: list[tuple[bool, str]] = []  # available()'s answer, once known
+_STATUS: list = []  # [(ok, reason, instruction sets)] once the first call has loaded or built it
 
 
+def _status() -> tuple[bool, str, tuple[str, ...]]:
+    if not _STATUS:
+        ok, why = _load()
+        _STATUS.append((ok, why, tuple(torch.ops.lorakern_cpu.isas()) if ok else ()))
+    return _STATUS[0]
+
+
+# torch.compile runs these as they are, never traces them: the op's backend choice asks inside
+# compiled code, possibly before anything else loaded the extension.
 @torch.compiler.assume_constant_result
 def available() -> tuple[bool, str]:
     """``(True, "")`` once the extension is loaded, else ``(False, "unavailable: <reason>")``.
 
     The first call loads the built library, or builds it (a failed build prints its log to
-    stderr); later calls return that answer. torch.compile runs it as it is, never traces it (the
-    op's backend choice asks for it inside compiled code, possibly first)."""
-    if not _STATUS:
-        _STATUS.append(_load())
-    return _STATUS[0]
+    stderr); later calls return that answer."""
+    return _status()[:2]
+
+
+@torch.compiler.assume_constant_result
+def isas() -> tuple[str, ...]:
+    """The instruction sets the row kernels run here, best first (the one used by default); () when
+    the extension is unavailable."""
+    return _status()[2]
 
 
 def _load() -> tuple[bool, str]:

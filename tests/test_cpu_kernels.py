@@ -350,3 +350,17 @@ print("ok")
     r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+def test_backend_unavailable_without_vector_units(ops, monkeypatch):
+    """Only the scalar kernels (no AVX2 / AVX-512): the backend says why, and auto takes the torch path."""
+    from lorakern.backends import cpu
+    from lorakern.ops import resolve_backend
+
+    monkeypatch.setattr(cpu_ext, "isas", lambda: ("generic",))
+    ok, why = cpu.available()
+    assert not ok and why.startswith("unavailable: no AVX2 or AVX-512 on this CPU")
+    x = torch.randn(4, 8)
+    assert resolve_backend("auto", x, 4, 8, 8, 2) == "torch"
+    with pytest.raises(RuntimeError, match="no AVX2 or AVX-512"):
+        resolve_backend("cpu", x, 4, 8, 8, 2)

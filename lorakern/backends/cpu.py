@@ -10,7 +10,8 @@ Everything that is not a masked pass is ``portable``'s own code, called with two
   mask regenerated row by row, never stored.
 
 Without dropout both are portable's (no mask at all), so the backend computes exactly what the
-torch backend does. fp32 and bf16 on the CPU (``runs_on``); the torch backend covers the rest.
+torch backend does. fp32 and bf16 on the CPU (``runs_on``), where the CPU has AVX2 or AVX-512;
+the torch backend covers the rest.
 
 >>> from lorakern.backends import cpu
 >>> cpu.available()                      # doctest: +SKIP
@@ -32,8 +33,13 @@ _DTYPES = (torch.float32, torch.bfloat16)
 
 
 def available() -> tuple[bool, str]:
-    """The CPU extension's status (the first call loads it, or builds it once)."""
-    return cpu_ext.available()
+    """The CPU extension's status (the first call loads it, or builds it once); unavailable on a CPU
+    with neither AVX2 nor AVX-512, whose portable kernels (scalar Philox, ~7 ns an element) are
+    slower than the torch backend's torch.rand."""
+    ok, why = cpu_ext.available()
+    if ok and cpu_ext.isas()[0] == "generic":
+        return False, "unavailable: no AVX2 or AVX-512 on this CPU (its scalar kernels are slower than the torch backend)"
+    return ok, why
 
 
 def runs_on(device: torch.device, dtype: torch.dtype) -> bool:
