@@ -5,7 +5,7 @@ Modules call ``lorakern.ops.lora_linear`` and know nothing of kernels.
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Union
 
 import torch
 from torch import nn

@@ -14,12 +14,12 @@ import torch.autograd.forward_ad as fwAD
 
 from lorakern import backends
 from lorakern.backends.interface import Grads, Needs, Operands, Problem, qdtype
-from lorakern.batch import ActiveRanks, AdapterBatch, can_sync
+from lorakern.batch import ActiveRanks, AdapterBatch
+from lorakern.checks import check_args
 
 __all__ = ["lora_linear", "BACKENDS", "backend_status", "resolve_backend"]
 
 BACKENDS = backends.NAMES
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _CPU_PREFERENCE = ("cpu", "torch")  # auto on a CPU: the native kernels where they are built
 
 
@@ -61,121 +61,6 @@ def resolve_backend(backend: str, x: torch.Tensor, M: int, K: int, N: int, R: in
         if name in backends.BACKENDS and backends.runs_on(name, x.device, x.dtype):
             return name
     return "torch"
-
-
-# --------------------------------------------------------------------------- argument checks
-
-
-def _shape(t: torch.Tensor) -> str:
-    return "[" + ", ".join(str(s) for s in t.shape) + "]"
-
-
-def _check_tensor(name: str, t, *, dims: Sequence[int], like: torch.Tensor, floating: bool = True,
-                  dtypes: Optional[tuple] = None, whose: str = "that of x") -> None:
-    """Type, rank and device of ``t``; with ``floating``, its dtype: one of ``dtypes`` (default: x's)."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dim() not in dims:
-        want = " or ".join(f"{d}-D" for d in dims)
-        raise ValueError(f"{name}: expected a {want} tensor, got shape {_shape(t)}")
-    if t.device != like.device:
-        raise ValueError(f"{name}: expected device {like.device} (that of x), got {t.device}")
-    dtypes = dtypes or (like.dtype,)
-    if floating and t.dtype not in dtypes:
-        want = " or ".join(str(d) for d in dict.fromkeys(dtypes))
-        raise TypeError(f"{name}: expected dtype {want} ({whose}), got {t.dtype}")
-
-
-def adapter_dtypes(x_dtype: torch.dtype) -> tuple:
-    """The dtypes lora_A / lora_B may have beside x of ``x_dtype``: x's own, and float32 beside a
-    float16 / bfloat16 x (PEFT's default precision: a half-precision base, fp32 adapters)."""
-    return (x_dtype, torch.float32) if x_dtype in (torch.float16, torch.bfloat16) else (x_dtype,)
-
-
-def _check_vector(name: str, t, length: int, banked: bool, G: int, like: torch.Tensor, *, floating=True,
-                  dtypes: Optional[tuple] = None, whose: str = "that of x") -> None:
-    if t is None:
-        return
-    _check_tensor(name, t, dims=(1, 2), like=like, floating=floating, dtypes=dtypes, whose=whose)
-    want = (G, length) if banked and t.dim() == 2 else (length,)
-    if tuple(t.shape) != want:
-        wanted = f"[{length}]" + (f" or [{G}, {length}]" if banked else "")
-        raise ValueError(f"{name}: expected shape {wanted}, got {_shape(t)}")
-
-
-def _check_args(x, weight, bias, A, B, scaling, rank_scale, rank_mask, out_scale, dropout_p, adapter_index,
-                base_scale):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOATS:
-        raise TypeError(f"x: expected a floating dtype (float16, bfloat16, float32, float64), got {x.dtype}")
-    if x.dim() < 1:
-        raise ValueError(f"x: expected at least 1 dimension [..., K], got shape {_shape(x)}")
-    _check_tensor("weight", weight, dims=(2,), like=x)
-    N, K = weight.shape
-    if x.shape[-1] != K:
-        raise ValueError(f"x: expected last dimension {K} (weight's in-features), got shape {_shape(x)}")
-    if bias is not None:
-        _check_tensor("bias", bias, dims=(1,), like=x)
-        if bias.shape[0] != N:
-            raise ValueError(f"bias: expected shape [{N}], got {_shape(bias)}")
-    _check_tensor("lora_A", A, dims=(2, 3), like=x, dtypes=adapter_dtypes(x.dtype),
-                  whose="that of x, or float32 beside a half-precision x")
-    _check_tensor("lora_B", B, dims=(2, 3), like=x, dtypes=(A.dtype,), whose="that of lora_A")
-    either = (x.dtype, A.dtype)  # rank_scale / out_scale: x's dtype or the adapters'
-    banked = A.dim() == 3
-    if B.dim() != A.dim():
-        raise ValueError(f"lora_B: expected {A.dim()}-D like lora_A {_shape(A)}, got shape {_shape(B)}")
-    G = A.shape[0] if banked else 1
-    R = A.shape[-2]
-    if R < 1:
-        raise ValueError(f"lora_A: expected rank r >= 1, got shape {_shape(A)}")
-    if A.shape[-1] != K:
-        raise ValueError(f"lora_A: expected shape {'[G, r, ' if banked else '[r, '}{K}] (in-features {K}), got {_shape(A)}")
-    want_B = (G, N, R) if banked else (N, R)
-    if tuple(B.shape) != want_B:
-        raise ValueError(f"lora_B: expected shape [{', '.join(map(str, want_B))}] (out-features {N}, rank {R}), got {_shape(B)}")
-    if isinstance(scaling, torch.Tensor):
-        if scaling.device != x.device:
-            raise ValueError(f"scaling: expected device {x.device} (that of x), got {scaling.device}")
-        if not scaling.is_floating_point():
-            raise TypeError(f"scaling: expected a floating tensor, got {scaling.dtype}")
-        if scaling.dim() == 0:
-            pass
-        elif not banked or tuple(scaling.shape) != (G,):
-            raise ValueError(f"scaling: expected a float{' or shape [' + str(G) + ']' if banked else ''}, got shape {_shape(scaling)}")
-    elif not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
-        raise TypeError(f"scaling: expected a float or a tensor, got {type(scaling).__name__}")
-    _check_vector("rank_scale", rank_scale, R, banked, G, x, dtypes=either, whose="that of x or of lora_A")
-    if isinstance(rank_mask, ActiveRanks):
-        rank_mask = rank_mask.mask
-    _check_vector("rank_mask", rank_mask, R, banked, G, x, floating=False)
-    if rank_mask is not None and rank_mask.dtype != torch.bool:
-        raise TypeError(f"rank_mask: expected dtype torch.bool, got {rank_mask.dtype}")
-    _check_vector("out_scale", out_scale, N, banked, G, x, dtypes=either, whose="that of x or of lora_A")
-    _check_vector("base_scale", base_scale, N, False, G, x)
-    if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not (0.0 <= dropout_p < 1.0):
-        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
-    M = x.numel() // K if K else 0
-    if adapter_index is None:
-        if banked:
-            raise ValueError(f"adapter_index: required with banked lora_A {_shape(A)}, got None")
-        return M, K, N, R, G
-    if not banked:
-        raise ValueError(f"adapter_index: given, so lora_A must be a bank [G, r, {K}], got shape {_shape(A)}")
-    index = adapter_index.index if isinstance(adapter_index, AdapterBatch) else adapter_index
-    if not isinstance(index, torch.Tensor):
-        raise TypeError(f"adapter_index: expected a torch.Tensor or an AdapterBatch, got {type(index).__name__}")
-    if index.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"adapter_index: expected dtype int32 or int64, got {index.dtype}")
-    if index.device != x.device:
-        raise ValueError(f"adapter_index: expected device {x.device} (that of x), got {index.device}")
-    if index.dim() != 1 or index.shape[0] != M:
-        raise ValueError(f"adapter_index: expected shape [{M}] (one per row of x), got {_shape(index)}")
-    if isinstance(adapter_index, AdapterBatch) and adapter_index.num_adapters != G:
-        raise ValueError(f"adapter_index: an AdapterBatch for {adapter_index.num_adapters} adapters, "
-                         f"but lora_A has {G}: shape {_shape(A)}")
-    return M, K, N, R, G
 
 
 # --------------------------------------------------------------------------- the registered ops
@@ -476,7 +361,7 @@ def lora_linear(
     if dt is not None:
         x, weight, bias, lora_A, lora_B, rank_scale, out_scale, base_scale = (
             _autocast(t, dt) for t in (x, weight, bias, lora_A, lora_B, rank_scale, out_scale, base_scale))
-    M, K, N, R, G = _check_args(x, weight, bias, lora_A, lora_B, scaling, rank_scale, rank_mask, out_scale,
+    M, K, N, R, G = check_args(x, weight, bias, lora_A, lora_B, scaling, rank_scale, rank_mask, out_scale,
                                 dropout_p, adapter_index, base_scale)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()

@@ -23,7 +23,7 @@ import torch
 
 from lorakern.backends import portable
 from lorakern.backends.interface import Needs, Operands, Problem
-from lorakern.ops import _FLOATS, _check_tensor, _check_vector, _shape, adapter_dtypes
+from lorakern.checks import FLOATS, adapter_dtypes, check_tensor, check_vector, shape_str
 
 __all__ = ["lora_update"]
 
@@ -90,27 +90,27 @@ def lora_update(
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOATS:
+    if x.dtype not in FLOATS:
         raise TypeError(f"x: expected a floating dtype (float16, bfloat16, float32, float64), got {x.dtype}")
     if x.dim() < 1:
-        raise ValueError(f"x: expected at least 1 dimension [..., K], got shape {_shape(x)}")
-    _check_tensor("base_output", base_output, dims=(x.dim(),), like=x)
+        raise ValueError(f"x: expected at least 1 dimension [..., K], got shape {shape_str(x)}")
+    check_tensor("base_output", base_output, dims=(x.dim(),), like=x)
     if base_output.shape[:-1] != x.shape[:-1]:
         raise ValueError(f"base_output: expected shape [{', '.join(map(str, x.shape[:-1]))}, N] (x's leading "
-                         f"dimensions), got {_shape(base_output)}")
+                         f"dimensions), got {shape_str(base_output)}")
     if not base_output.is_contiguous():
         raise ValueError("base_output: expected a contiguous tensor (it is updated in place)")
     K, N = x.shape[-1], base_output.shape[-1]
-    _check_tensor("lora_A", lora_A, dims=(2,), like=x, dtypes=adapter_dtypes(x.dtype),
+    check_tensor("lora_A", lora_A, dims=(2,), like=x, dtypes=adapter_dtypes(x.dtype),
                   whose="that of x, or float32 beside a half-precision x")
-    _check_tensor("lora_B", lora_B, dims=(2,), like=x, dtypes=(lora_A.dtype,), whose="that of lora_A")
+    check_tensor("lora_B", lora_B, dims=(2,), like=x, dtypes=(lora_A.dtype,), whose="that of lora_A")
     R = lora_A.shape[0]
     if R < 1 or lora_A.shape[1] != K:
-        raise ValueError(f"lora_A: expected shape [r, {K}] (r >= 1, x's in-features {K}), got {_shape(lora_A)}")
+        raise ValueError(f"lora_A: expected shape [r, {K}] (r >= 1, x's in-features {K}), got {shape_str(lora_A)}")
     if tuple(lora_B.shape) != (N, R):
         raise ValueError(f"lora_B: expected shape [{N}, {R}] (base_output's {N} features, rank {R}), "
-                         f"got {_shape(lora_B)}")
-    _check_vector("rank_scale", rank_scale, R, False, 1, x, dtypes=(x.dtype, lora_A.dtype),
+                         f"got {shape_str(lora_B)}")
+    check_vector("rank_scale", rank_scale, R, False, 1, x, dtypes=(x.dtype, lora_A.dtype),
                   whose="that of x or of lora_A")
     if not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
         raise TypeError(f"scaling: expected a float, got {type(scaling).__name__}")

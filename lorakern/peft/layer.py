@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from lorakern.batch import AdapterBatch
-from lorakern.ops import adapter_dtypes, autocast_dtype, lora_linear
+from lorakern.checks import adapter_dtypes
+from lorakern.ops import autocast_dtype, lora_linear
 from lorakern.update import lora_update
 
 try:
