@@ -5,7 +5,7 @@ custom base layer: the caller runs the base layer and hands its output; ``lora_u
 ``s * ((x~ A^T) * u) B^T`` into it in place, with the dropout keep-mask regenerated in backward
 (never stored). It saves x (which the base layer saves too) and q [M, r]: nothing M x K of its own.
 The gradient to x through the base is the base layer's own autograd; the op adds the adapter's
-dx term. It runs the ``torch`` backend's functions (``lorakern/backends/portable.py``) on any device.
+dx term. It runs the ``torch`` backend (``lorakern/backends/portable.py``) on any device.
 
 >>> import torch
 >>> from lorakern import lora_update
@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from lorakern.backends import portable
+from lorakern.backends import composed, portable
 from lorakern.backends.interface import Needs, Operands, Problem
 from lorakern.checks import FLOATS, adapter_dtypes, check_tensor, check_vector, shape_str
 
@@ -38,7 +38,7 @@ class _Update(torch.autograd.Function):
         pb = Problem(M=M, K=K, N=B.shape[0], R=A.shape[0], Ra=A.shape[0], G=1, banked=False, scaling=scaling,
                      dropout_p=p, seed=seed, deterministic=True)
         op = Operands(x, None, None, A, B, None, rank_scale, None, None, None, None, None, None)
-        q = portable.add_update(pb, op, y) if M else y.new_empty(0, A.shape[0], dtype=torch.float32)
+        q = composed.add_update(pb, op, y, portable.PASSES) if M else y.new_empty(0, A.shape[0], dtype=torch.float32)
         ctx.mark_dirty(y)
         ctx.pb = pb
         ctx.save_for_backward(x, A, B, rank_scale, q)

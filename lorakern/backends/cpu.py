@@ -1,16 +1,16 @@
-"""The ``cpu`` backend: the portable algorithm (``portable.py``) with its masked passes native (csrc/cpu/).
+"""The ``cpu`` backend: the op composed from aten ops (``composed.py``) with its masked passes native (csrc/cpu/).
 
-Everything that is not a masked pass is ``portable``'s own code, called with two native hooks:
+Everything that is not a masked pass is ``composed``'s code, called with two native passes:
 
 - ``kept``: the dropped input x~ = x * keep / (1 - p) in one pass (``lorakern_cpu.dropout``: the
   Philox keep-mask of ARCHITECTURE.md made in SIMD lanes, about 0.5 ns an element on one AVX-512
   core, where the torch backend's ``torch.rand`` + ``torch.where`` cost ~5 + 1); its 1 / (1 - p)
-  is folded into x~, so the factor portable applies on the [M, Ra] side is 1;
+  is folded into x~, so the factor composed applies on the [M, Ra] side is 1;
 - ``add_dx``: dx[rows] += (dq A) * keep / (1 - p) in place (``lorakern_cpu.add_masked_``), the
   mask regenerated row by row, never stored.
 
-Without dropout both are portable's (no mask at all), so the backend computes exactly what the
-torch backend does. fp32 and bf16 on the CPU (``runs_on``), where the CPU has AVX2 or AVX-512;
+Without dropout both are the plain ones (no mask at all), so the backend computes exactly what
+the torch backend does. fp32 and bf16 on the CPU (``runs_on``), where the CPU has AVX2 or AVX-512;
 the torch backend covers the rest.
 
 >>> from lorakern.backends import cpu
@@ -24,7 +24,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from lorakern import cpu_ext
-from lorakern.backends import portable
+from lorakern.backends import composed
 from lorakern.backends.interface import Grads, Needs, Operands, Problem
 
 __all__ = ["available", "runs_on", "forward", "backward", "dropout_keep"]
@@ -58,7 +58,7 @@ class _Stream(NamedTuple):
 
 
 def kept(x: torch.Tensor, p: float, seed: int):
-    """portable's hook: (x~, the mask's stream, 1.0), x~ = x * keep / (1 - p) made natively."""
+    """(x~, the mask's stream, 1.0), x~ = x * keep / (1 - p) made natively."""
     if p == 0.0:
         return x, None, 1.0
     return cpu_ext.ops().dropout(x, p, seed), _Stream(p, seed), 1.0
@@ -66,16 +66,19 @@ def kept(x: torch.Tensor, p: float, seed: int):
 
 def add_dx(dx: torch.Tensor, dqk: torch.Tensor, A: torch.Tensor, keep: Optional[_Stream],
            rows: Optional[torch.Tensor]) -> None:
-    """portable's hook: dx[rows] += (dqk A) * keep / (1 - p), in place (portable's own without dropout)."""
+    """dx[rows] += (dqk A) * keep / (1 - p), in place (the plain add without dropout)."""
     if keep is None:
-        portable.add_adapter_dx(dx, dqk, A, None, rows)
+        composed.add_adapter_dx(dx, dqk, A, None, rows)
     else:
         cpu_ext.ops().add_masked_(dx, dqk, A, rows, keep.p, keep.seed)
 
 
+PASSES = composed.MaskedPasses(kept, add_dx)
+
+
 def forward(pb: Problem, op: Operands) -> tuple[torch.Tensor, torch.Tensor]:
-    return portable.forward(pb, op, kept=kept)
+    return composed.forward(pb, op, PASSES)
 
 
 def backward(pb: Problem, op: Operands, grad_y: torch.Tensor, q: torch.Tensor, needs: Needs) -> Grads:
-    return portable.backward(pb, op, grad_y, q, needs, kept=kept, add_dx=add_dx)
+    return composed.backward(pb, op, grad_y, q, needs, PASSES)

@@ -1,13 +1,6 @@
-"""The ``torch`` backend: the op composed from aten ops, on any device and dtype (float64 included).
-
-Forward: the base GEMM into y, then the rank-r update added in place (``addmm_``). Backward:
-the dx GEMM, then each adapter's dx term added in place. No M x N temporary beyond y and dx,
-the keep-mask regenerated from a seeded generator (never stored). Every sum has a fixed order
-(``index_add_`` only ever adds one row into each element), so the backend is deterministic
-whatever ``Problem.deterministic`` says.
-
-The masked passes (dropout-shrink, masked dx term, dA) are the functions ``kept`` and
-``add_adapter_dx``; the ``cpu`` backend replaces them with native kernels and reuses the rest.
+"""The ``torch`` backend: the op composed from aten ops (``composed.py``) on any device and dtype
+(float64 included), its keep-mask made by torch's generator from the seed and regenerated in
+backward, never stored.
 
 >>> import torch
 >>> from lorakern.backends import portable
@@ -16,13 +9,12 @@ torch.Size([2, 3])
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
-
 import torch
 
-from lorakern.backends.interface import Grads, Needs, Operands, Problem, base_scale_grad, qdtype
+from lorakern.backends import composed
+from lorakern.backends.interface import Grads, Needs, Operands, Problem
 
-__all__ = ["available", "runs_on", "forward", "backward", "dropout_keep"]
+__all__ = ["available", "runs_on", "forward", "backward", "dropout_keep", "PASSES"]
 
 
 def available() -> tuple[bool, str]:
@@ -48,197 +40,12 @@ def kept(x: torch.Tensor, p: float, seed: int):
     return torch.where(keep, x, 0), keep, 1.0 / (1.0 - p)
 
 
-def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` in ``dtype``, without a dispatch when it already is (a no-op ``.to`` costs microseconds)."""
-    return t if t.dtype == dtype else t.to(dtype)
+PASSES = composed.MaskedPasses(kept, composed.add_adapter_dx)
 
 
-def _pick_ranks(A, B, rank_scale, rank_idx):
-    """The active ranks of A [.., R, K], B [.., N, R], rank_scale [.., R] (small copies)."""
-    if rank_idx is None:
-        return A, B, rank_scale
-    A = A.index_select(-2, rank_idx)
-    B = B.index_select(-1, rank_idx)
-    if rank_scale is not None:
-        rank_scale = rank_scale.index_select(-1, rank_idx)
-    return A, B, rank_scale
+def forward(pb: Problem, op: Operands) -> tuple[torch.Tensor, torch.Tensor]:
+    return composed.forward(pb, op, PASSES)
 
 
-def _rank_factor(scaling, rank_scale):
-    """s * u over the active ranks, in q's dtype [Ra] (or a float when there is no u)."""
-    if rank_scale is None:
-        return scaling
-    return _as(rank_scale, qdtype(rank_scale)) * scaling
-
-
-def _adapter_args(gi, scaling, scaling_g, u, v):
-    """(s, u, v) of adapter gi (None: the single adapter); u and v may be shared [R] / [N] vectors."""
-    if gi is None:
-        return scaling, u, v
-    s = scaling_g[gi] if scaling_g is not None else scaling
-    pick = lambda t: None if t is None else (t[gi] if t.dim() == 2 else t)  # noqa: E731
-    return s, pick(u), pick(v)
-
-
-def _groups(op: Operands, G: int):
-    """(g, rows) for every adapter that has rows, from the batch's sorted rows and counts."""
-    rows_per = op.adapter_rows
-    if rows_per is None:  # built where the host could not read the index (torch.compile): count now
-        rows_per = torch.bincount(op.adapter_index + 1, minlength=G + 1).cpu()
-    counts = rows_per.tolist()
-    start = counts[0]  # rows with -1 come first and are skipped
-    for g in range(G):
-        n = counts[g + 1]
-        if n:
-            yield g, op.row_order[start:start + n]
-        start += n
-
-
-def _base(x, weight, bias, base_scale):
-    """c * (x W^T) + b, a fresh tensor."""
-    if base_scale is None:
-        return torch.addmm(bias, x, weight.T) if bias is not None else torch.mm(x, weight.T)
-    y = torch.mm(x, weight.T).mul_(base_scale)
-    return y if bias is None else y.add_(bias)
-
-
-def forward(pb: Problem, op: Operands, kept: Callable = kept) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, q): base GEMM into y, then the rank-r update added in place. ``kept`` makes the
-    dropped input (the ``cpu`` backend passes its native one)."""
-    y = _base(op.x, op.weight, op.bias, op.base_scale)
-    return y, add_update(pb, op, y, kept)
-
-
-def add_update(pb: Problem, op: Operands, y: torch.Tensor, kept: Callable = kept) -> torch.Tensor:
-    """y [M, N] += the rank-r update, in place; returns q [M, Ra]. ``op.weight`` and ``op.bias``
-    are not read (``lorakern.update`` hands the output of a base layer the op cannot compute)."""
-    x = op.x
-    xk, _, inv = kept(x, pb.dropout_p, pb.seed)
-    A, B, u = _pick_ranks(op.lora_A, op.lora_B, op.rank_scale, op.rank_idx)
-    if not pb.banked:
-        q = _as(torch.mm(_as(xk, A.dtype), A.T), qdtype(x)).mul_(inv)
-        Bv = B if op.out_scale is None else B * op.out_scale[:, None]
-        t = q * _rank_factor(pb.scaling, u)
-        if Bv.dtype == y.dtype:
-            y.addmm_(_as(t, y.dtype), Bv.T)
-        else:  # adapters in their own dtype (fp32): the update in it, added to y and rounded once, as PEFT
-            y.add_(torch.mm(_as(t, Bv.dtype), Bv.T))
-        return q
-    q = torch.zeros(x.shape[0], A.shape[-2], device=x.device, dtype=qdtype(x))
-    for g, rows in _groups(op, pb.G):
-        s, ug, vg = _adapter_args(g, pb.scaling, op.scaling_g, u, op.out_scale)
-        qg = torch.mm(_as(xk[rows], A.dtype), A[g].T).to(q.dtype).mul_(inv)
-        q[rows] = qg
-        Bv = B[g] if vg is None else B[g] * vg[:, None]
-        y.index_add_(0, rows, _as(torch.mm(_as(qg * _rank_factor(s, ug), Bv.dtype), Bv.T), y.dtype))
-    return q
-
-
-def _adapter_grads(g, xk, q, A, B, s, u, v, inv, needs: Needs):
-    """Gradients of one adapter over its rows: (dq / (1-p), dA, dB, du, dv) over the active ranks.
-
-    ``xk`` is x times the keep-mask, unscaled; ``inv`` = 1 / (1 - p) is folded into dq instead.
-    dt = g (v B) is computed only for what needs it (dx, dA, du). The products run in the adapters'
-    dtype ``A.dtype`` (x's, or fp32 beside a half-precision x, as PEFT's fp32 branch computes them).
-    """
-    wide = A.dtype
-    f = _rank_factor(s, u)
-    t = q * f
-    dt = dqk = None
-    if needs.x or needs.lora_A or needs.rank_scale:
-        Bv = B if v is None else B * v[:, None]
-        dt = _as(torch.mm(_as(g, wide), _as(Bv, wide)), q.dtype)
-        dqk = dt * (f * inv)
-    dA = torch.mm(_as(dqk.T, wide), _as(xk, wide)) if needs.lora_A else None
-    dB = dv = None
-    if needs.lora_B or needs.out_scale:
-        P = _as(torch.mm(_as(t.T, wide), _as(g, wide)).T, q.dtype)  # g^T t, [N, Ra]: serves dB and dv
-        if needs.lora_B:
-            dB = P if v is None else P * _as(v[:, None], P.dtype)
-        if needs.out_scale:
-            dv = (P * _as(B, P.dtype)).sum(1)
-    du = (dt * q).sum(0) * s if needs.rank_scale else None
-    return dqk, dA, dB, du, dv
-
-
-def add_adapter_dx(dx, dqk, A, keep, rows) -> None:
-    """dx[rows] += (dq A) * keep (all rows when ``rows`` is None; no mask when ``keep`` is None), in place.
-
-    dq A is computed in A's dtype (fp32 adapters beside a half-precision dx: in fp32, rounded once
-    when added)."""
-    if keep is None and rows is None and A.dtype == dx.dtype:
-        dx.addmm_(_as(dqk, dx.dtype), A)
-        return
-    dxa = torch.mm(_as(dqk, A.dtype), A)
-    if keep is not None:
-        dxa = torch.where(keep if rows is None else keep[rows], dxa, 0)
-    if rows is None:
-        dx.add_(dxa)
-    else:
-        dx.index_add_(0, rows, _as(dxa, dx.dtype))
-
-
-def backward(pb: Problem, op: Operands, grad_y: torch.Tensor, q: torch.Tensor, needs: Needs,
-             kept: Callable = kept, add_dx: Callable = add_adapter_dx) -> Grads:
-    """Gradients per the op's formula; nothing is computed for a frozen input. ``kept`` and
-    ``add_dx`` are the masked passes (the ``cpu`` backend passes its native ones). Without a weight
-    (``op.weight`` None: ``lorakern.update``), dx is the adapter's term alone."""
-    x, weight, g = op.x, op.weight, grad_y
-    dc = base_scale_grad(g, x, weight).to(op.base_scale.dtype) if needs.base_scale else None
-    # the base path's upstream gradient
-    gc = g * op.base_scale if op.base_scale is not None and (needs.x or needs.weight) else g
-    xk, keep, inv = kept(x, pb.dropout_p, pb.seed)
-    A, B, u = _pick_ranks(op.lora_A, op.lora_B, op.rank_scale, op.rank_idx)
-    dx = None
-    if needs.x:
-        dx = torch.mm(gc, weight) if weight is not None else torch.zeros(x.shape, dtype=x.dtype, device=x.device)
-    if not pb.banked and op.rank_idx is None:  # one adapter, every rank: its gradients as they come
-        dqk, dA, dB, du, dv = _adapter_grads(g, xk, q, A, B, pb.scaling, u, op.out_scale, inv, needs)
-        if dx is not None:
-            add_dx(dx, dqk, A, keep, None)
-        dA = _as(dA, op.lora_A.dtype).contiguous() if dA is not None else None
-        dB = _as(dB, op.lora_B.dtype).contiguous() if dB is not None else None
-    else:
-        dA, dB, du, dv = _scattered_adapter_grads(pb, op, g, xk, keep, q, A, B, u, inv, dx, needs, add_dx)
-    dW = torch.mm(gc.T, x) if needs.weight else None
-    db = g.sum(0) if needs.bias else None
-    du = _as(du, op.rank_scale.dtype) if du is not None else None
-    dv = _as(dv, op.out_scale.dtype) if dv is not None else None
-    return Grads(dx, dW, db, dA, dB, du, dv, dc)
-
-
-def _scattered_adapter_grads(pb: Problem, op: Operands, g, xk, keep, q, A, B, u, inv, dx,
-                             needs: Needs, add_dx: Callable):
-    """(dA, dB, du, dv) in the parameters' shapes, with the active ranks' gradients of each adapter
-    (over its rows) scattered in; dx gets each adapter's term added in place."""
-    def zeros(t: Optional[torch.Tensor], n: bool, dt=None):
-        return torch.zeros(t.shape, dtype=dt or t.dtype, device=t.device) if n else None
-
-    dA, dB = zeros(op.lora_A, needs.lora_A), zeros(op.lora_B, needs.lora_B)
-    du = zeros(op.rank_scale, needs.rank_scale, q.dtype)
-    dv = zeros(op.out_scale, needs.out_scale, q.dtype)
-    ridx = op.rank_idx if op.rank_idx is not None else torch.arange(A.shape[-2], device=g.device)
-
-    def one(gi, rows):
-        s, ug, vg = _adapter_args(gi, pb.scaling, op.scaling_g, u, op.out_scale)
-        Ag, Bg = (A, B) if gi is None else (A[gi], B[gi])
-        sub = (lambda t: t) if rows is None else (lambda t: t[rows])  # noqa: E731
-        dqk, dAg, dBg, dug, dvg = _adapter_grads(sub(g), sub(xk), sub(q), Ag, Bg, s, ug, vg, inv, needs)
-        at = lambda t: t if gi is None else t[gi]  # noqa: E731
-        if dAg is not None:
-            at(dA).index_copy_(0, ridx, _as(dAg, dA.dtype))
-        if dBg is not None:
-            at(dB).index_copy_(1, ridx, _as(dBg, dB.dtype))
-        if dug is not None:
-            (du if du.dim() == 1 else du[gi]).index_add_(0, ridx, dug)
-        if dvg is not None:
-            (dv if dv.dim() == 1 else dv[gi]).add_(dvg)
-        if dx is not None:
-            add_dx(dx, dqk, Ag, keep, rows)
-
-    if not pb.banked:
-        one(None, None)
-    else:
-        for gi, rows in _groups(op, pb.G):
-            one(gi, rows)
-    return dA, dB, du, dv
+def backward(pb: Problem, op: Operands, grad_y: torch.Tensor, q: torch.Tensor, needs: Needs) -> Grads:
+    return composed.backward(pb, op, grad_y, q, needs, PASSES)
