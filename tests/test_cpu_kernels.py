@@ -20,6 +20,10 @@ from lorakern import cpu_ext
 from lorakern.testing import randn, randn_view, rel_err, strided_copy
 from test_cuda import _torch_keep_uniform
 
+# one thread (conftest): torch's own ops here are tiny and, on a busy shared machine, every
+# parallel region waits for a second thread; test_threads_give_the_same_bits runs two
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parent.parent
 ISAS = ["avx512", "avx2", "generic"]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-5}  # the kernels compute in f32 from bf16 inputs
@@ -136,9 +140,9 @@ def test_counters_past_2_32(ops, isa, gen):
 
 # --------------------------------------------------------------------------- the kernels
 
-# (M, K, Ra): M = 1, primes, K off every multiple of 4 / 16 / 128, several row blocks (K = 1031:
-# 31 rows a block; K = 301: 108), Ra = 1
-SHAPES = [(1, 16, 4), (7, 13, 5), (1, 1, 1), (131, 301, 16), (97, 1031, 8), (300, 64, 3)]
+# (M, K, Ra): M = 1, primes, K off every multiple of 4 / 16 / 128, Ra = 1, and several row blocks
+# (a block is 2**16 // K rows: 2 at K = 301 and K = 1031, 3 at K = 64)
+SHAPES = [(1, 16, 4), (7, 13, 5), (1, 1, 1), (431, 301, 16), (150, 1031, 8), (2100, 64, 3)]
 CASES = [(dt, layout, rows) for dt in (torch.float32, torch.bfloat16)
          for layout, rows in (("contiguous", "all"), ("contiguous", "subset"), ("transposed", "subset"),
                               ("columns", "all"))]
@@ -218,18 +222,30 @@ def test_dropout(ops, isa, gen, dtype, layout, p):
         assert torch.equal(out == 0, want == 0)
 
 
-def test_masked_At_bitwise_repeatable(ops, gen):
-    """Per thread count: the same bits on every run (fixed chunks, partials summed in order)."""
-    x, dq = randn(gen, 1000, 301), randn(gen, 1000, 16)
+def test_threads_give_the_same_bits(ops, gen):
+    """shrink, add_masked_ and dropout: the same bits on 1 and 2 threads (blocks are independent);
+    masked_At: the same bits on every run per thread count (fixed chunks, partials summed in order)."""
+    M, K, Ra, p = 1000, 301, 16, 0.1  # 5 row blocks
+    x, A, dq = randn(gen, M, K), randn(gen, Ra, K), randn(gen, M, Ra)
+    rows = torch.randperm(M, generator=gen)[:700]
+
+    def run():
+        dx = x.clone()
+        ops.add_masked_(dx, dq[:700], A, rows, p, 99)
+        return ops.shrink(x, A, rows, p, 99), dx, ops.dropout(x, p, 99), ops.dropout_keep(99, M, K, p)
+
     threads = torch.get_num_threads()
     try:
+        results = {}
         for n in (1, 2):
             torch.set_num_threads(n)
-            first = ops.masked_At(dq, x, None, 0.1, 99)
+            results[n] = run()
+            first = ops.masked_At(dq, x, None, p, 99)
             for _ in range(3):
-                assert torch.equal(ops.masked_At(dq, x, None, 0.1, 99), first)
+                assert torch.equal(ops.masked_At(dq, x, None, p, 99), first)
     finally:
         torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(results[1], results[2]))
 
 
 def test_strided_A_and_dq(ops, gen):
