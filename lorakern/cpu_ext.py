@@ -9,6 +9,7 @@ Without a C++ compiler (and no library built before) it is unavailable and calle
 >>> from lorakern import cpu_ext
 >>> cpu_ext.available()                 # doctest: +SKIP
 (True, '')
+>>> q = cpu_ext.ops().shrink(x, A, None, 0.1, seed)  # doctest: +SKIP
 >>> python -m lorakern.cpu_ext build    # compile and link here; prints the library's path
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 from lorakern.cuda import _build_module
 
-__all__ = ["available", "isas", "build", "ops", "shrink", "add_masked_", "masked_At", "dropout", "dropout_keep"]
+__all__ = ["available", "isas", "build", "ops"]
 
 
 def _compiler() -> Optional[str]:
@@ -114,32 +115,6 @@ def ops():
     if not ok:
         raise RuntimeError(f"the CPU extension is {why}")
     return torch.ops.lorakern_cpu
-
-
-def shrink(x: torch.Tensor, A: torch.Tensor, rows: Optional[torch.Tensor], p: float, seed: int) -> torch.Tensor:
-    """q [m, Ra] float32 = (x[rows] * keep / (1 - p)) A^T; all rows of x when ``rows`` is None."""
-    return ops().shrink(x, A, rows, float(p), int(seed))
-
-
-def add_masked_(dx: torch.Tensor, dq: torch.Tensor, A: torch.Tensor, rows: Optional[torch.Tensor], p: float,
-                seed: int) -> None:
-    """dx[rows] += (dq A) * keep / (1 - p) in place (``rows`` distinct); dq float32 [m, Ra]."""
-    ops().add_masked_(dx, dq, A, rows, float(p), int(seed))
-
-
-def masked_At(dq: torch.Tensor, x: torch.Tensor, rows: Optional[torch.Tensor], p: float, seed: int) -> torch.Tensor:
-    """dA [Ra, K] float32 = dq^T (x[rows] * keep / (1 - p)), bitwise repeatable for a fixed thread count."""
-    return ops().masked_At(dq, x, rows, float(p), int(seed))
-
-
-def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """x~ = x * keep / (1 - p), a new contiguous tensor in x's dtype (the M x K pass callers of torch GEMMs need)."""
-    return ops().dropout(x, float(p), int(seed))
-
-
-def dropout_keep(seed: int, M: int, K: int, p: float) -> torch.Tensor:
-    """bool [M, K]: keep[r, k] = U > p, the stream of ARCHITECTURE.md (the kernels treat p = 0 as no dropout)."""
-    return ops().dropout_keep(int(seed), int(M), int(K), float(p))
 
 
 def _main(argv: list[str]) -> int:
