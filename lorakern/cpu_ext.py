@@ -10,7 +10,8 @@ Without a C++ compiler (and no library built before) it is unavailable and calle
 >>> cpu_ext.available()                 # doctest: +SKIP
 (True, '')
 >>> q = cpu_ext.ops().shrink(x, A, None, 0.1, seed)  # doctest: +SKIP
->>> python -m lorakern.cpu_ext build    # compile and link here; prints the library's path
+
+``python -m lorakern.cpu_ext build`` compiles and links it here and prints the library's path.
 """
 from __future__ import annotations
 
