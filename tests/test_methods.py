@@ -368,8 +368,8 @@ def test_igulora_budget_is_weighted_by_each_layer_parameter_count():
 
 def test_igulora_defaults_are_the_reference_ones():
     m = IGULoRA(init_r=R, target_r=2, total_step=300, target_modules=SEVEN)
-    got = (m.orth_reg_weight, m.lora_alpha, m.lora_dropout, m.deltaT, m.tinit, m.tfinal, m.beta1, m.beta2, m.ig_steps)
-    assert got == (1.0, 1.0, 0.3, 50, 100, 100, 0.85, 0.85, 20)
+    got = (m.orth_reg_weight, m.lora_alpha, m.lora_dropout, m.deltaT, m.beta1, m.beta2, m.ig_steps)
+    assert got == (1.0, 1.0, 0.3, 50, 0.85, 0.85, 20)
     layer = m.apply(llama()).model.layers[0].self_attn.q_proj
     assert layer.scaling == 1 / (R + 1e-5) and torch.allclose(layer.rank_scale, torch.full((R,), 0.1))
     assert float(m._element_score(torch.tensor(0.0), torch.tensor(0.0))) == 1.0  # (0 + 1e-6) / (0 + 1e-6)

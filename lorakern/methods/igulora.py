@@ -44,9 +44,10 @@ class IGULoRA(AdaLoRA):
 
     Defaults are the reference's: E starts at 0.1, A and B N(0, 0.02); ``lora_alpha=1`` (its
     ``SVDLoRAModule`` default, the only value its scripts reach: scaling ``1 / (init_r + 1e-5)``),
-    ``lora_dropout=0.3``, ``orth_reg_weight=1.0``, ``deltaT=50`` (``prune_every_steps``),
-    ``tinit=100`` (``start_prune_steps``), ``tfinal=100`` (``end_prune_steps``), ``beta1 = beta2 =
-    0.85``. Takes AdaLoRA's other keyword arguments (``init_r``, ``target_r``, ``total_step`` ...).
+    ``lora_dropout=0.3``, ``orth_reg_weight=1.0``, ``deltaT=50`` (``prune_every_steps``), ``beta1 =
+    beta2 = 0.85``. ``tinit`` and ``tfinal`` keep AdaLoRA's 0 so that any ``total_step`` works; the
+    reference's are 100 each (``start_prune_steps``, ``end_prune_steps``; its scripts use 100 and
+    6000). Takes AdaLoRA's other keyword arguments (``init_r``, ``target_r``, ``total_step`` ...).
     Raises as AdaLoRA does, and ValueError for ``ig_steps < 1``.
 
     >>> import torch
@@ -60,10 +61,9 @@ class IGULoRA(AdaLoRA):
     e_init = 0.1
 
     def __init__(self, *, ig_steps: int = 20, retrain: bool = False, orth_reg_weight: float = 1.0,
-                 lora_alpha: float = 1.0, lora_dropout: float = 0.3, deltaT: int = 50, tinit: int = 100,
-                 tfinal: int = 100, **kwargs) -> None:
+                 lora_alpha: float = 1.0, lora_dropout: float = 0.3, deltaT: int = 50, **kwargs) -> None:
         super().__init__(orth_reg_weight=orth_reg_weight, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                         deltaT=deltaT, tinit=tinit, tfinal=tfinal, **kwargs)
+                         deltaT=deltaT, **kwargs)
         self.ig_steps = check_int("ig_steps", ig_steps, 1)
         if not isinstance(retrain, bool):
             raise TypeError(f"retrain: expected a bool, got {type(retrain).__name__}")
