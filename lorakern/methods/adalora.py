@@ -83,24 +83,26 @@ def _zero_pruned(layer: SVDLinear) -> None:
 
 
 class AdaLoRA(Method):
-    """AdaLoRA over the op: ``W x + lora_alpha / (init_r + 1e-5) * B (E * (A x~))`` (paper Eq. 1; PEFT).
+    """AdaLoRA over the op: ``W x + lora_alpha / (init_r + 1e-5) * B (E * (A x~))`` (paper Sec. 3; PEFT).
 
     Hyperparameters are PEFT's ``AdaLoraConfig`` names and defaults: ``init_r`` (ranks at start),
     ``target_r`` (average final rank), ``tinit``, ``tfinal``, ``deltaT``, ``beta1``, ``beta2``,
     ``orth_reg_weight``, ``total_step`` (required), ``lora_alpha``, ``lora_dropout``. A and B start
     N(0, 0.02), E at 0. After each optimizer step (``attach``; PEFT's ``update_and_allocate(step)``),
-    every entry's sensitivity ``|w * grad w|`` is smoothed (EMA ``beta1``, paper Eq. 8) and its
-    uncertainty tracked (EMA ``beta2``, Eq. 9); a triplet's score is E's plus the means over A's row
-    and B's column of sensitivity times uncertainty (Eq. 10-11). The total budget falls cubically
-    from ``init_r`` to ``target_r`` ranks per layer between steps ``tinit`` and
-    ``total_step - tfinal`` (Eq. 12); every ``deltaT`` steps the lowest-scored triplets are pruned
-    by zeroing their E (see ``SVDLinear``: they keep training and can come back). At step
-    ``total_step - tfinal`` the allocation becomes final: from then on the op's ``rank_mask``
-    skips the pruned ranks. ``regularization(model)`` is ``orth_reg_weight`` times the mean of
-    ``||A A^T - I||_F`` and ``||B^T B - I||_F`` (Eq. 4). Budget, scores and masks agree with PEFT's
-    ``RankAllocator`` given the same weights and gradients, step by step.
+    every entry's sensitivity ``|w * grad w|`` is smoothed (EMA ``beta1``) and its uncertainty
+    tracked (EMA ``beta2``); a triplet's score is E's plus the means over A's row and B's column of
+    sensitivity times uncertainty (the paper's importance metric). The total budget falls
+    cubically from ``init_r`` to ``target_r`` ranks per layer between steps ``tinit`` and
+    ``total_step - tfinal`` (the paper's global budget scheduler); every ``deltaT`` steps the
+    lowest-scored triplets are pruned by zeroing their E (see ``SVDLinear``: they keep training
+    and can come back). At step ``total_step - tfinal`` the allocation becomes final: from then on
+    the op's ``rank_mask`` skips the pruned ranks. ``regularization(model)`` is
+    ``orth_reg_weight`` times the mean of ``||A A^T - I||_F`` and ``||B^T B - I||_F`` (the
+    orthogonality regularizer). Budget, scores and masks agree with PEFT's ``RankAllocator`` given
+    the same weights and gradients, step by step.
 
-    Layers are ``SVDLinear`` (weight's dtype, any device); ``apply`` raises ValueError / TypeError
+    Layers are ``SVDLinear``: A [init_r, in], E [init_r], B [out, init_r] in the weight's dtype, the
+    importance buffers float32; ``apply`` raises ValueError / TypeError
     for targets that are not ``nn.Linear``, ``attach`` RuntimeError before ``apply``.
 
     >>> import torch

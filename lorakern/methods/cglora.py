@@ -82,9 +82,11 @@ class CGLoRA(LoRA):
     true Fisher (sampled labels) or the Gauss-Newton matrix; its damping; its split of ``B0 A0``
     between the factors and its scale (the ``step=None`` rule is this library's). Per-row loss
     gradients are taken as the row count times the gradient of each batch's mean loss (exact for a
-    loss that is a mean over the layer's rows). Without ``initialize`` this is plain LoRA. Takes LoRA's keyword arguments besides
-    (``init`` must stay ``"kaiming"`` or ``"gaussian"``); raises ValueError for bad arguments,
-    for ``r > min(in, out)`` and for batches that give a layer no gradient.
+    loss that is a mean over the layer's rows). Without ``initialize`` this is plain LoRA. Layers
+    are ``LoRALinear`` (A [r, in], B [out, r] in the weight's dtype; statistics in float64). Takes
+    LoRA's keyword arguments besides (``init`` must stay ``"kaiming"`` or ``"gaussian"``); raises
+    ValueError for bad arguments, for ``r > min(in, out)`` and for batches that give a layer no
+    gradient.
 
     >>> import torch
     >>> net = torch.nn.Sequential(torch.nn.Linear(16, 8))

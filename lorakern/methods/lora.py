@@ -33,8 +33,9 @@ class LoRA(Method):
     the top-r SVD of W, each divided by sqrt(s), and the residual ``W - s B A`` becomes the frozen
     base, as PEFT's ``pissa_init``) or ``"pissa_niter_[n]"`` (the same from
     ``torch.svd_lowrank(W, q=r, niter=n)``, PEFT's fast-SVD PiSSA: a randomized SVD, so seed
-    torch for a repeatable start). Layers are ``LoRALinear`` in the weight's dtype; raises
-    ValueError for bad values (and ``r > min(in, out)`` with PiSSA), TypeError for bad types.
+    torch for a repeatable start). Layers are ``LoRALinear``, A [r, in] and B [out, r] in the
+    weight's dtype (PiSSA's SVD in float32); raises ValueError for bad values (and
+    ``r > min(in, out)`` with PiSSA), TypeError for bad types.
 
     >>> import torch
     >>> net = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))

@@ -69,8 +69,9 @@ class RefLoRA(LoRA):
     Either acts at steps ``warmup_steps, warmup_steps + interval, ...`` (0-based; the reference's
     counter, except that its RefLoRA-S counts one call at ``integrate_into_optimizer`` and so
     acts one step earlier). ``re_init=True`` (``init`` must be ``"kaiming"``) starts from
-    kaiming-uniform A and B with the base shifted by ``-s B A``. Takes LoRA's keyword arguments
-    besides; raises ValueError for bad values.
+    kaiming-uniform A and B with the base shifted by ``-s B A``. Layers are ``LoRALinear`` (A [r, in],
+    B [out, r]; S and its inverse [r, r] in float64). Takes LoRA's keyword arguments besides; raises
+    ValueError for bad values.
 
     >>> import torch
     >>> net = torch.nn.Sequential(torch.nn.Linear(16, 8))

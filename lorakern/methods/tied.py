@@ -29,9 +29,10 @@ def tie_role(name: str) -> str:
 
 
 class TiedLoRA(Method):
-    """``y = W x + v * (B (u * (s A x~)))`` (paper Eq. 2): one A [r, in] and B [out, r] per tie
-    group, shared by all its layers (the same ``nn.Parameter``, so every layer's gradient sums into
-    them), and per-layer u [r] (``rank_scale``) and v [out] (``out_scale``).
+    """``y = W x + v * (B (u * (s A x~)))`` (the paper's formulation): one A [r, in] and B [out, r]
+    per tie group, shared by all its layers (the same ``nn.Parameter``, so every layer's gradient
+    sums into them), and per-layer u [r] (``rank_scale``) and v [out] (``out_scale``), all in the
+    weight's dtype.
 
     A tie group is a role and a shape: layers whose names are equal up to their integer components
     (``tie_role``) and whose ``[out, in]`` agree. So the q projections of all decoder layers share
@@ -39,10 +40,10 @@ class TiedLoRA(Method):
     decoder's layers of a T5-like model, get pairs of their own, as do layers of one role whose
     shapes differ.
 
-    ``trainable`` says which of A, B, u, v train: a name of the paper's Table 1 or the letters
-    themselves. ``"TL5"`` trains A and B (u = v = 1), ``"TL6"`` (the default, the paper's best)
-    trains all four; ``"ABuv"``, ``"Buv"``, ``"Au"``... build any other row (one of B, u, v must
-    train). The paper's Table 1 rows TL1-TL4 could not be read here (only the abstract and secondary
+    ``trainable`` says which of A, B, u, v train: a name from the paper's table of configurations
+    or the letters themselves. ``"TL5"`` trains A and B (u = v = 1), ``"TL6"`` (the default, the
+    paper's best) trains all four; ``"ABuv"``, ``"Buv"``, ``"Au"``... build any other row (one of
+    B, u, v must train). The table's rows TL1-TL4 could not be read here (only the abstract and secondary
     summaries, which name TL5 and TL6 and their trained sets), so they are not named: build them by
     their letters. Trainable parameters, for tie groups g of ``L_g`` layers ``[out_g, in_g]``
     (``parameter_count``)::
