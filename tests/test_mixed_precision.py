@@ -253,7 +253,7 @@ def test_default_precision_fuses_every_call(dtype, quantized, caplog):
         model(input_ids=ids(1))
     rep = lkpeft.report(model)
     assert rep.fused == 14 and rep.fallbacks() == 0, str(rep)
-    assert rep.calls[lkpeft.layer.FUSED] == {"train": 14, "eval": 14}
+    assert rep.calls[lkpeft.patching.FUSED] == {"train": 14, "eval": 14}
 
 
 @pytest.mark.parametrize("dtype", HALVES)
@@ -328,4 +328,4 @@ def test_peft_bnb_layer_class_is_patched_and_fused():
     model[0].merged_adapters.append("default")  # merged: PEFT's own forward (the base alone)
     assert rel_err(model(x).float(), base(x).float()) == 0
     rep = lkpeft.report(model)
-    assert rep.calls[lkpeft.layer.FUSED]["train"] == 1 and rep.fallbacks() == 1
+    assert rep.calls[lkpeft.patching.FUSED]["train"] == 1 and rep.fallbacks() == 1

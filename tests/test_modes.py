@@ -268,7 +268,7 @@ def stock_and_patched(model):
 
 
 def patched_layers(model):
-    return [m for m in model.modules() if lkpeft.layer._is_patched(m)]
+    return [m for m in model.modules() if lkpeft.patching._is_patched(m)]
 
 
 def test_func_per_sample_gradients_of_a_patched_model():
