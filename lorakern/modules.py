@@ -23,14 +23,19 @@ def _kaiming_uniform_(t: torch.Tensor) -> torch.Tensor:
 class LoRALinear(nn.Module):
     """A frozen ``nn.Linear`` plus a trainable low-rank update, computed by the fused op.
 
-    ``y = x W^T + b + s * dropout(x) A^T B^T`` with ``s = lora_alpha / r`` (``/ sqrt(r)`` with
-    rsLoRA). Parameters are named as in ``nn.Linear`` (``weight``, ``bias``) plus ``lora_A [r, in]``
-    and ``lora_B [out, r]``, so an ``nn.Linear`` state dict loads into it (``strict=False``).
+    ``y = x W^T + b + s * dropout(x) A^T B^T`` with ``s = lora_alpha / r`` (``lora_alpha /
+    sqrt(r)`` with rsLoRA): LoRA (Hu et al. 2021, arXiv 2106.09685) as PEFT's ``lora.Linear``
+    computes it, with PEFT's ``LoraConfig`` keyword names. Parameters are named as in
+    ``nn.Linear`` (``weight`` [out, in], ``bias`` [out], both frozen) plus ``lora_A`` [r, in] and
+    ``lora_B`` [out, r], so an ``nn.Linear`` state dict loads into it (``strict=False``).
+    ``merge()`` folds ``s B A`` into the weight, ``unmerge()`` takes it out.
 
     >>> layer = LoRALinear(64, 32, r=8, lora_alpha=16)
     >>> layer(torch.randn(2, 5, 64)).shape
     torch.Size([2, 5, 32])
     >>> wrapped = LoRALinear.from_linear(nn.Linear(64, 32), r=4)
+    >>> wrapped.weight is not None and not wrapped.weight.requires_grad
+    True
     """
 
     def __init__(
@@ -48,6 +53,33 @@ class LoRALinear(nn.Module):
         device=None,
         dtype=None,
     ) -> None:
+        """A layer of ``in_features`` -> ``out_features`` with a rank-``r`` adapter.
+
+        The base weight and bias get ``nn.Linear``'s initialization and are frozen (use
+        :meth:`from_linear` to wrap existing weights); ``lora_A`` / ``lora_B`` are trainable.
+
+        Args:
+            in_features: K, the size of x's last dimension.
+            out_features: N, the size of y's last dimension.
+            bias: whether the base layer has a bias [out_features].
+            r: the adapter's rank, an int >= 1 (PEFT's ``r``).
+            lora_alpha: the scale's numerator: ``s = lora_alpha / r`` (PEFT's ``lora_alpha``).
+            lora_dropout: probability in [0, 1) of dropping x's elements on the adapter branch in
+                training (the mask is regenerated in backward, never stored); 0 in eval.
+            use_rslora: ``s = lora_alpha / sqrt(r)`` (rsLoRA, arXiv 2312.03732; PEFT's ``use_rslora``).
+            init_lora_weights: PEFT's values ``True`` (A kaiming-uniform with a = sqrt(5), B = 0:
+                the layer starts as the base), ``"gaussian"`` (A ~ N(0, 1/r), B = 0) or ``False``
+                (both random: for tests). PiSSA is ``lorakern.methods.LoRA(init_lora_weights="pissa")``.
+            backend: the op's backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"triton"``, ``"cuda"``.
+            device, dtype: of every parameter, as in ``nn.Linear``.
+
+        Raises:
+            ValueError: ``r`` not an int >= 1, ``lora_dropout`` outside [0, 1), or an
+                ``init_lora_weights`` other than True, False, "gaussian".
+
+        >>> round(LoRALinear(16, 8, bias=False, r=2, lora_alpha=4, use_rslora=True).scaling, 4)  # 4 / sqrt(2)
+        2.8284
+        """
         super().__init__()
         if not isinstance(r, int) or r < 1:
             raise ValueError(f"r: expected an int >= 1, got {r!r}")
@@ -89,7 +121,18 @@ class LoRALinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, r: int = 8, **kwargs) -> "LoRALinear":
-        """Wrap ``linear``: the new layer shares (does not copy) its weight and bias, frozen."""
+        """Wrap ``linear``: the new layer shares (does not copy) its weight and bias, frozen.
+
+        The adapter is created in the weight's dtype and device; ``kwargs`` are ``__init__``'s
+        keywords (``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``init_lora_weights``,
+        ``backend``). Raises TypeError when ``linear`` is not an ``nn.Linear``, and what
+        ``__init__`` raises.
+
+        >>> base = nn.Linear(16, 8)
+        >>> layer = LoRALinear.from_linear(base, r=2, lora_alpha=4)
+        >>> layer.weight is base.weight, tuple(layer.lora_A.shape), tuple(layer.lora_B.shape)
+        (True, (2, 16), (8, 2))
+        """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
         w = linear.weight
@@ -124,6 +167,7 @@ class LoRALinear(nn.Module):
             self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in_features] -> y [..., out_features] in x's dtype (see :func:`lorakern.lora_linear`)."""
         if self.merged:
             return nn.functional.linear(x, self.weight, self.bias)
         return lora_linear(
@@ -144,6 +188,21 @@ class AdapterBank(nn.Module):
     ``forward(x, adapter_index)`` runs one adapter per row (-1: the base alone), as in
     multi-adapter serving. ``adapter_index`` is an int tensor [...] (one per row of x, read on every
     call) or an :class:`~lorakern.AdapterBatch` that ``prepare`` built once for all layers of a batch.
+    Multi-adapter serving as in S-LoRA (arXiv 2311.03285) and PEFT's ``adapter_names``.
+
+    Args:
+        base: the frozen ``nn.Linear`` (in -> out); it is shared, and frozen in place.
+        num_adapters: G >= 1.
+        r: the rank of every adapter (>= 1).
+        lora_alpha: each adapter's scale is ``lora_alpha / r`` (the buffer ``scaling`` [G]).
+        backend: the op's backend (see :func:`lorakern.lora_linear`).
+
+    Parameters ``lora_A`` [G, r, in] (kaiming-uniform) and ``lora_B`` [G, out, r] (zeros) in the
+    base's dtype and device. ``forward(x [..., in], adapter_index)`` returns [..., out] in x's dtype.
+
+    Raises:
+        ValueError: ``num_adapters < 1`` or ``r < 1``; in forward, an index outside [-1, G) or of
+            the wrong length (see :func:`lorakern.lora_linear`).
 
     >>> base = nn.Linear(64, 32)
     >>> bank = AdapterBank(base, num_adapters=4, r=8)
@@ -169,7 +228,11 @@ class AdapterBank(nn.Module):
             _kaiming_uniform_(a)
 
     def prepare(self, adapter_index: torch.Tensor) -> AdapterBatch:
-        """The batch's rows, checked and sorted once: int [...] (flattened) -> AdapterBatch."""
+        """The batch's rows, checked and sorted once: int [...] (flattened) -> AdapterBatch.
+
+        Raises TypeError / ValueError as :class:`~lorakern.AdapterBatch` does (dtype, values
+        outside [-1, G)).
+        """
         return AdapterBatch(adapter_index.reshape(-1), num_adapters=self.lora_A.shape[0])
 
     def forward(self, x: torch.Tensor, adapter_index: Union[torch.Tensor, AdapterBatch]) -> torch.Tensor:

@@ -333,29 +333,70 @@ def lora_linear(
     deterministic: Optional[bool] = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """``y = c * (x W^T) + b + v * ((s * (x~ A^T) * (u * m)) B^T)``, fused; see DESIGN.md section 1.
+    """``y = c * (x W^T) + b + v * ((s * (x~ A^T) * (u * m)) B^T)``: a frozen linear layer plus a
+    low-rank adapter, in one fused op (forward and backward; the contract is in ARCHITECTURE.md).
+
+    LoRA (Hu et al. 2021, arXiv 2106.09685) is ``s = lora_alpha / r`` and no other option, as
+    PEFT's ``lora.Linear`` computes it; rsLoRA (arXiv 2312.03732) ``s = lora_alpha / sqrt(r)``;
+    AdaLoRA's E (arXiv 2303.10512) and VeRA's d (arXiv 2310.11454) are ``rank_scale``, VeRA's b
+    ``out_scale``, DoRA's magnitude ratio (arXiv 2402.09353) ``base_scale`` and ``out_scale``.
+
+    Args:
+        x: [..., K] float16 / bfloat16 / float32 (float64 on the ``torch`` backend); M rows once
+            the leading dimensions are flattened.
+        weight: W [N, K], frozen base weight, x's dtype and device, any strides.
+        bias: b [N] in x's dtype, or None.
+        lora_A: A [r, K] (one adapter), or a bank [G, r, K] with ``adapter_index``. x's dtype, or
+            float32 beside a float16 / bfloat16 x (PEFT's default precision).
+        lora_B: B [N, r], or a bank [G, N, r]; lora_A's dtype.
+        scaling: s, a float, or a float tensor (0-dim, or [G] with banks; never read on the host).
+        rank_scale: u [r] (or [G, r] with banks), x's or the adapters' dtype; None = 1.
+        rank_mask: m, bool [r] (or [G, r]) or an :class:`~lorakern.ActiveRanks` built once; masked
+            ranks are skipped, not computed and multiplied by 0. None = every rank.
+        out_scale: v [N] (or [G, N]), x's or the adapters' dtype; None = 1.
+        dropout_p: probability in [0, 1) of dropping an element of x on the adapter branch only
+            (``x~ = x * keep / (1 - p)``); the keep-mask is a function of ``seed``, regenerated in
+            backward, never stored.
+        seed: int in [0, 2**62), or None to draw one from torch's default generator (so
+            ``torch.manual_seed`` makes runs repeatable). Used only when ``dropout_p > 0``.
+        adapter_index: with banks, int32 / int64 [M] in [-1, G) (-1: the base alone for that row)
+            or an :class:`~lorakern.AdapterBatch` built once per batch.
+        base_scale: c [N] in x's dtype, scales the base product only (trainable); None = 1.
+        deterministic: True sums in a fixed order, so repeated calls agree bit for bit on the same
+            device, dtype and versions; None reads ``torch.are_deterministic_algorithms_enabled()``.
+        backend: ``"auto"`` (the fastest measured for the device and shape), ``"torch"``,
+            ``"cpu"``, ``"triton"`` or ``"cuda"``; ``lorakern.backend_status(name)`` says why one
+            cannot run here.
+
+    Returns:
+        y [..., N] in x's dtype (contiguous). Autograd gives the gradient of every tensor that
+        requires one (x, W, b, A, B, u, v, c), computing only those; a tensor ``scaling`` is
+        treated as a constant (detached).
+
+    Mixed precision: with float32 adapters beside a half-precision x, the adapter branch is
+    computed in float32 (the ``torch`` backend; ``triton`` and ``cuda`` round the adapters to x's
+    dtype first), added to the base product and rounded once, and the adapters' gradients are
+    float32. Under autocast the op casts what autocast casts for ``F.linear``. A base layer the op
+    cannot compute (quantized, hooked): :func:`lorakern.lora_update`.
+
+    Raises:
+        TypeError: an argument of the wrong type or dtype (the message names the argument, the
+            dtypes allowed and the one given), before any kernel runs.
+        ValueError: shapes that do not match, a device other than x's, ``dropout_p`` outside
+            [0, 1), a bad seed, an ``adapter_index`` value outside [-1, G), a backend that cannot
+            run x's dtype on its device.
+        RuntimeError: a forced backend that is unavailable here (the message says why).
+        NotImplementedError: forward-mode AD through the registered op (torch.compile, meta,
+            tensor subclasses); plain eager tensors support it.
 
     >>> import torch, lorakern
     >>> x, W = torch.randn(4, 32), torch.randn(16, 32)
     >>> A, B = torch.randn(8, 32), torch.randn(16, 8)
     >>> lorakern.lora_linear(x, W, None, A, B, scaling=2.0).shape
     torch.Size([4, 16])
-
-    Banks ``lora_A [G, r, K]`` / ``lora_B [G, N, r]`` with ``adapter_index [M]`` give each row its
-    own adapter (-1: the base only). ``dropout_p`` applies to the adapter branch only, keyed by
-    ``seed`` (None draws one from torch's generator) and regenerated, never stored, in backward.
-    ``base_scale`` (c, [N], trainable) scales the base path per output column (DoRA's magnitude
-    ratio; ARCHITECTURE.md). ``deterministic=True`` (None: ``torch.are_deterministic_algorithms_enabled()``)
-    makes every backend sum in a fixed order, so repeated calls agree bit for bit.
-
-    Dtypes: weight, bias and base_scale in x's dtype. ``lora_A`` / ``lora_B`` in one dtype: x's, or
-    float32 beside a float16 / bfloat16 x (PEFT's default precision); ``rank_scale`` / ``out_scale``
-    in x's or the adapters' dtype. Mixed, the adapter branch is computed as PEFT computes it: in
-    float32, added to the half-precision base product and rounded once to x's dtype (the ``torch``
-    backend; ``triton`` and ``cuda`` round the adapters to x's dtype before their kernels), and the
-    adapters' gradients are float32. A dtype outside these raises TypeError naming the argument,
-    the dtypes allowed and the one given, before any kernel runs. A base layer the op cannot
-    compute (quantized, hooked): ``lorakern.lora_update`` adds the adapter into its output.
+    >>> bank_A, bank_B = torch.randn(3, 8, 32), torch.randn(3, 16, 8)    # G = 3 adapters
+    >>> lorakern.lora_linear(x, W, None, bank_A, bank_B, adapter_index=torch.tensor([0, 2, -1, 1])).shape
+    torch.Size([4, 16])
     """
     dt = autocast_dtype(x)
     if dt is not None:
