@@ -38,7 +38,15 @@ class ProjectionBank(nn.Module):
     Drawn from ``seed`` exactly as PEFT draws ``vera_A`` / ``vera_B``. One bank is shared by every
     layer (registered in each, so ``.to()`` moves it once); each layer reads a strided slice in
     place. With ``save=False`` the factors are left out of ``state_dict`` and redrawn from the
-    saved ``seed`` when a state dict carrying another seed is loaded.
+    saved ``seed`` when a state dict carrying another seed is loaded. VeRA: Kopiczko et al. 2024
+    (arXiv 2310.11454); PEFT's ``VeraConfig(projection_prng_key=seed, save_projection=save)``.
+
+    Args:
+        r: the rank (VeRA's shared rank, typically 256).
+        max_in, max_out: the largest in- and out-features of the layers that read the bank.
+        seed: the CPU generator's seed (PEFT's ``projection_prng_key``).
+        save: keep the factors in ``state_dict`` (PEFT's ``save_projection``).
+        device, dtype: of the factors (drawn in float32 on the CPU, then converted).
 
     >>> bank = ProjectionBank(r=4, max_in=16, max_out=8, seed=0)
     >>> bank.lora_A.shape, bank.lora_B.shape
@@ -78,6 +86,8 @@ class AdaptedLinear(LoRALinear):
     trainable parameter or a buffer (``set_vector``). The factors are ``lora_A`` / ``lora_B``
     (own or shared parameters) or, with a ``bank``, slices ``bank.lora_A[:, :in]`` and
     ``bank.lora_B[:out]`` read in place. ``train_scale`` multiplies ``s`` in training mode only.
+    Takes ``LoRALinear``'s arguments; the method classes build it (Tied-LoRA, arXiv 2311.09578;
+    VeRA, arXiv 2310.11454; AdaLoRA's and IGU-LoRA's ``SVDLinear`` subclass it).
 
     >>> layer = AdaptedLinear.from_linear(nn.Linear(16, 8), r=4)
     >>> layer.set_vector("rank_scale", torch.ones(4), trainable=True)
@@ -95,7 +105,11 @@ class AdaptedLinear(LoRALinear):
 
     def set_vector(self, name: str, value: Optional[torch.Tensor], *, trainable: bool) -> None:
         """Set ``rank_scale``, ``rank_mask`` or ``out_scale`` to ``value``: a parameter if
-        ``trainable``, else a buffer (saved in ``state_dict``); None removes it."""
+        ``trainable``, else a buffer (saved in ``state_dict``); None removes it.
+
+        ``value``: [r] for ``rank_scale`` (x's or the adapters' dtype) and ``rank_mask`` (bool),
+        [out_features] for ``out_scale``. Raises ValueError for another name or shape.
+        """
         if name not in _VECTORS:
             raise ValueError(f"name: expected one of {_VECTORS}, got {name!r}")
         want = self.r if name != "out_scale" else self.out_features
@@ -109,7 +123,10 @@ class AdaptedLinear(LoRALinear):
             self.register_buffer(name, value)
 
     def use_bank(self, bank: ProjectionBank) -> None:
-        """Read the factors from ``bank`` (sliced in place); the own ``lora_A`` / ``lora_B`` go."""
+        """Read the factors from ``bank`` (sliced in place); the own ``lora_A`` / ``lora_B`` go.
+
+        Raises ValueError when the bank's rank differs or it is smaller than this layer.
+        """
         if bank.max_in < self.in_features or bank.max_out < self.out_features or bank.r != self.r:
             raise ValueError(f"bank: expected r={self.r}, max_in >= {self.in_features}, max_out >= "
                              f"{self.out_features}, got r={bank.r}, max_in={bank.max_in}, max_out={bank.max_out}")
@@ -152,7 +169,9 @@ class DoRALinear(LoRALinear):
 
     One call of the op: the magnitude ratio ``m / ||W + s B A||_row`` enters as both its
     ``base_scale`` and its ``out_scale``, so nothing M x N is computed or saved around it.
-    ``magnitude [out]`` starts at the row norms of ``W + s B A``.
+    ``magnitude [out]`` starts at the row norms of ``W + s B A``. DoRA: Liu et al. 2024 (arXiv
+    2402.09353); PEFT's ``LoraConfig(use_dora=True)``. Takes ``LoRALinear``'s arguments and
+    raises what it raises.
 
     >>> layer = DoRALinear.from_linear(nn.Linear(16, 8), r=4)
     >>> torch.allclose(layer.magnitude, layer.weight.norm(dim=1))
