@@ -21,7 +21,7 @@ check: $(STAMP)
 
 # compile and link the CUDA extension (no GPU needed: a CUDA build of torch plus nvcc); prints its path
 cuda: $(STAMP)
-	$(VPY) -m lorakern.cuda build
+	$(VPY) -m lorakern.extension build cuda
 
 test: test-default test-interpret
 

@@ -49,7 +49,7 @@ echo "device $GPU, commit ${LORAKERN_COMMIT:-$(git rev-parse --short HEAD 2>/dev
 # the CUDA extension, built in the background: wait_build waits for it and reports
 start_build() {
     if [ "$DEVICE" = cpu ]; then echo "== dry run: no CUDA build"; return; fi
-    ( $PY -m lorakern.cuda build >"$OUT/cuda-build.log" 2>&1; echo $? >"$OUT/rc-build" ) &
+    ( $PY -m lorakern.extension build cuda >"$OUT/cuda-build.log" 2>&1; echo $? >"$OUT/rc-build" ) &
     BUILD_PID=$!
 }
 wait_build() {

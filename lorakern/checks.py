@@ -14,7 +14,7 @@ import torch
 
 from lorakern.batch import ActiveRanks, AdapterBatch
 
-__all__ = ["FLOATS", "shape_str", "check_tensor", "check_vector", "adapter_dtypes", "check_args"]
+__all__ = ["FLOATS", "shape_str", "check_input", "check_tensor", "check_vector", "adapter_dtypes", "check_args"]
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -58,16 +58,21 @@ def check_vector(name: str, t, length: int, banked: bool, G: int, like: torch.Te
         raise ValueError(f"{name}: expected shape {wanted}, got {shape_str(t)}")
 
 
-def check_args(x, weight, bias, A, B, scaling, rank_scale, rank_mask, out_scale, dropout_p, adapter_index,
-               base_scale) -> tuple[int, int, int, int, int]:
-    """Every argument of ``lora_linear`` (its names, in its order): ``(M, K, N, R, G)``, or the
-    first error, naming the argument with the expected and the given shape, dtype or device."""
+def check_input(x) -> None:
+    """x: a floating tensor [..., K] (float16, bfloat16, float32 or float64)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOATS:
         raise TypeError(f"x: expected a floating dtype (float16, bfloat16, float32, float64), got {x.dtype}")
     if x.dim() < 1:
         raise ValueError(f"x: expected at least 1 dimension [..., K], got shape {shape_str(x)}")
+
+
+def check_args(x, weight, bias, A, B, scaling, rank_scale, rank_mask, out_scale, dropout_p, adapter_index,
+               base_scale) -> tuple[int, int, int, int, int]:
+    """Every argument of ``lora_linear`` (its names, in its order): ``(M, K, N, R, G)``, or the
+    first error, naming the argument with the expected and the given shape, dtype or device."""
+    check_input(x)
     check_tensor("weight", weight, dims=(2,), like=x)
     N, K = weight.shape
     if x.shape[-1] != K:

@@ -11,7 +11,7 @@ Without a C++ compiler (and no library built before) it is unavailable and calle
 (True, '')
 >>> q = cpu_ext.ops().shrink(x, A, None, 0.1, seed)  # doctest: +SKIP
 
-``python -m lorakern.cpu_ext build`` compiles and links it here and prints the library's path.
+``python -m lorakern.extension build cpu`` compiles and links it here and prints the library's path.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from lorakern.cuda import _build_module
+from lorakern import extension
 
 __all__ = ["available", "isas", "build", "ops"]
 
@@ -40,20 +40,13 @@ def _library() -> tuple[str, str]:
     return name, os.path.join(_get_build_directory(name, False), f"{name}.so")
 
 
-def _stale(path: str) -> bool:
-    if not os.path.exists(path):
-        return True
-    built = os.path.getmtime(path)
-    return any(os.path.getmtime(f) > built for f in _build_module().cpu_inputs())
-
-
 def build(verbose: bool = False) -> str:
     """Compile and link the extension with ninja (when a source changed) and return the library's path."""
     from torch.utils.cpp_extension import load
 
-    lb = _build_module()
+    lb = extension.build_module()
     name, path = _library()
-    if _stale(path):
+    if extension.stale(path, lb.cpu_inputs()):
         print("lorakern: building the CPU extension once (about a minute)...", file=sys.stderr, flush=True)
     load(name=name, sources=lb.cpu_sources(), extra_cflags=lb.cpu_cflags(), extra_ldflags=lb.cpu_ldflags(),
          build_directory=os.path.dirname(path), is_python_module=False, verbose=verbose)
@@ -92,7 +85,7 @@ def _load() -> tuple[bool, str]:
     if hasattr(torch.ops, "lorakern_cpu") and hasattr(torch.ops.lorakern_cpu, "shrink"):
         return True, ""
     path = _library()[1]
-    if not _stale(path):
+    if not extension.stale(path, extension.build_module().cpu_inputs()):
         torch.ops.load_library(path)
         return True, ""
     if _compiler() is None:
@@ -116,21 +109,3 @@ def ops():
     if not ok:
         raise RuntimeError(f"the CPU extension is {why}")
     return torch.ops.lorakern_cpu
-
-
-def _main(argv: list[str]) -> int:
-    if argv[:1] != ["build"]:
-        print("usage: python -m lorakern.cpu_ext build   (compile and link csrc/cpu/, print the library path)")
-        return 2
-    import time
-
-    t0 = time.time()
-    path = build(verbose="-v" in argv)
-    print(path)
-    print(f"{time.time() - t0:.0f} s; instruction sets here: {', '.join(ops().isas())} (using {ops().isa()})",
-          file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))

@@ -8,7 +8,7 @@ cached build folder that ninja rebuilds when a source changes).
 >>> from lorakern import cuda
 >>> cuda.available()              # doctest: +SKIP
 (True, '')
->>> python -m lorakern.cuda build  # compile and link here (no GPU needed); prints the library path
+>>> python -m lorakern.extension build cuda  # compile and link here (no GPU needed); prints the path
 """
 from __future__ import annotations
 
@@ -23,19 +23,12 @@ from typing import Optional
 
 import torch
 
+from lorakern import extension
 from lorakern.backends.interface import Grads, Needs, Operands, Problem, adapters_as_x, grads_as
 
 __all__ = ["available", "runs_on", "build", "forward", "backward", "dropout_keep"]
 
 _ROOT = Path(__file__).resolve().parent.parent
-
-
-def _build_module():
-    if str(_ROOT) not in sys.path:  # lorakern_build.py sits beside the package in a checkout
-        sys.path.insert(0, str(_ROOT))
-    import lorakern_build
-
-    return lorakern_build
 
 
 def _cuda_home() -> Optional[str]:
@@ -81,7 +74,7 @@ def build(verbose: bool = False) -> str:
     from torch.utils import cpp_extension
     from torch.utils.cpp_extension import _get_build_directory, load
 
-    lb = _build_module()
+    lb = extension.build_module()
     if torch.version.cuda is None:
         raise RuntimeError("torch is a CPU-only build")
     home = _cuda_home()
@@ -96,7 +89,7 @@ def build(verbose: bool = False) -> str:
     cf = lb.cflags()
     library = os.path.join(folder, f"{tag}.so")
     inputs = [f for d in {os.path.dirname(s) for s in lb.sources()} for f in glob.glob(os.path.join(d, "*.*"))]
-    if not os.path.exists(library) or max(map(os.path.getmtime, inputs)) > os.path.getmtime(library):
+    if extension.stale(library, inputs):
         print("lorakern: building the CUDA extension once (about 2 minutes)...", file=sys.stderr, flush=True)
     try:
         path = load(name=tag, sources=lb.sources(), extra_include_paths=lb.include_dirs(), extra_cflags=cf["cxx"],
@@ -178,20 +171,3 @@ def backward(pb: Problem, op: Operands, grad_y: torch.Tensor, q: torch.Tensor, n
 def dropout_keep(seed: int, M: int, K: int, dropout_p: float, device) -> torch.Tensor:
     """bool [M, K]: the keep-mask the kernels use, the triton backend's stream (ARCHITECTURE.md)."""
     return _ops().dropout_keep(int(seed), int(M), int(K), float(dropout_p), torch.device(device))
-
-
-def _main(argv: list[str]) -> int:
-    if argv[:1] != ["build"]:
-        print("usage: python -m lorakern.cuda build   (compile and link csrc/, print the library path)")
-        return 2
-    import time
-
-    t0 = time.time()
-    path = build(verbose="-v" in argv)
-    print(path)
-    print(f"built in {time.time() - t0:.0f} s", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))

@@ -23,7 +23,7 @@ import torch
 
 from lorakern.backends import composed, portable
 from lorakern.backends.interface import Needs, Operands, Problem
-from lorakern.checks import FLOATS, adapter_dtypes, check_tensor, check_vector, shape_str
+from lorakern.checks import adapter_dtypes, check_input, check_tensor, check_vector, shape_str
 
 __all__ = ["lora_update"]
 
@@ -88,12 +88,7 @@ def lora_update(
 
     >>> y = lora_update(x, base(x), A, B, scaling=2.0, dropout_p=0.05)  # doctest: +SKIP
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in FLOATS:
-        raise TypeError(f"x: expected a floating dtype (float16, bfloat16, float32, float64), got {x.dtype}")
-    if x.dim() < 1:
-        raise ValueError(f"x: expected at least 1 dimension [..., K], got shape {shape_str(x)}")
+    check_input(x)
     check_tensor("base_output", base_output, dims=(x.dim(),), like=x)
     if base_output.shape[:-1] != x.shape[:-1]:
         raise ValueError(f"base_output: expected shape [{', '.join(map(str, x.shape[:-1]))}, N] (x's leading "

@@ -1,0 +1,56 @@
+"""What the two C++ extensions' loaders share: the build recipe module, staleness, and the command
+that builds one ahead of use.
+
+``lorakern/cuda.py`` (csrc/, the CUDA kernels) and ``lorakern/cpu_ext.py`` (csrc/cpu/, the CPU
+kernels) each build their library with ninja on first use; this builds either now and prints
+the library's path (the CUDA one needs nvcc and a CUDA build of torch, not a GPU):
+
+    python -m lorakern.extension build cuda      # or: build cpu   (-v: the compiler's output)
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Iterable
+
+__all__ = ["build_module", "stale", "main"]
+
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def build_module():
+    """``lorakern_build`` (the recipe shared with setup.py), which sits beside the package in a checkout."""
+    if str(_ROOT) not in sys.path:
+        sys.path.insert(0, str(_ROOT))
+    import lorakern_build
+
+    return lorakern_build
+
+
+def stale(library: str, inputs: Iterable[str]) -> bool:
+    """Whether ``library`` is missing or older than any of ``inputs`` (then a build will compile)."""
+    if not os.path.exists(library):
+        return True
+    built = os.path.getmtime(library)
+    return any(os.path.getmtime(f) > built for f in inputs)
+
+
+def main(argv: list[str]) -> int:
+    """``build cuda|cpu [-v]``: build that extension now; prints its path and the time taken."""
+    if len(argv) < 2 or argv[0] != "build" or argv[1] not in ("cuda", "cpu"):
+        print("usage: python -m lorakern.extension build cuda|cpu [-v]   (compile and link, print the library path)")
+        return 2
+    if argv[1] == "cuda":
+        from lorakern import cuda as ext
+    else:
+        from lorakern import cpu_ext as ext
+    t0 = time.time()
+    print(ext.build(verbose="-v" in argv))
+    print(f"built in {time.time() - t0:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
