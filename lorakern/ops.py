@@ -334,7 +334,8 @@ def lora_linear(
     backend: str = "auto",
 ) -> torch.Tensor:
     """``y = c * (x W^T) + b + v * ((s * (x~ A^T) * (u * m)) B^T)``: a frozen linear layer plus a
-    low-rank adapter, in one fused op (forward and backward; the contract is in ARCHITECTURE.md).
+    low-rank adapter, in one fused op, forward and backward (the contract: docs/contract.md section 1;
+    how the code implements it: ARCHITECTURE.md).
 
     LoRA (Hu et al. 2021, arXiv 2106.09685) is ``s = lora_alpha / r`` and no other option, as
     PEFT's ``lora.Linear`` computes it; rsLoRA (arXiv 2312.03732) ``s = lora_alpha / sqrt(r)``;

@@ -72,6 +72,12 @@ def lora_update(
 ) -> torch.Tensor:
     """``base_output += s * ((dropout(x) A^T) * u) B^T`` in place, and returned (autograd-aware).
 
+    For a base layer the op cannot compute: QLoRA's 4-bit base (Dettmers et al. 2023, arXiv
+    2305.14314; bitsandbytes ``Linear4bit``, PEFT's ``lora.bnb.Linear4bit``), an 8-bit or torchao
+    base, a hooked or custom layer. ``s`` is ``scaling`` (LoRA's ``lora_alpha / r``), ``u``
+    ``rank_scale``; several adapters at once are one adapter of their concatenated ranks, each
+    rank scaled by its own ``s`` through ``u``.
+
     Shapes and dtypes: x [..., K] float16 / bfloat16 / float32 / float64; base_output [..., N], x's
     leading shape and dtype, contiguous (the base layer's output, e.g. ``layer.base_layer(x)``);
     lora_A [r, K] and lora_B [N, r] in one dtype, x's or float32 beside a half-precision x (then the
@@ -86,7 +92,13 @@ def lora_update(
         NotImplementedError: in backward, double backward (``create_graph=True``); torch.func
             transforms raise torch's own error (``lora_linear`` supports both).
 
-    >>> y = lora_update(x, base(x), A, B, scaling=2.0, dropout_p=0.05)  # doctest: +SKIP
+    >>> base = torch.nn.Linear(32, 16)      # stands for bnb.nn.Linear4bit(32, 16)
+    >>> x = torch.randn(2, 3, 32)
+    >>> A = torch.randn(8, 32, requires_grad=True)
+    >>> B = torch.zeros(16, 8, requires_grad=True)
+    >>> y = lora_update(x, base(x), A, B, scaling=2.0, dropout_p=0.05)
+    >>> y.shape, y.sum().backward(), tuple(A.grad.shape)
+    (torch.Size([2, 3, 16]), None, (8, 32))
     """
     check_input(x)
     check_tensor("base_output", base_output, dims=(x.dim(),), like=x)
