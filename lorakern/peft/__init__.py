@@ -6,9 +6,29 @@ model, ``enable`` / ``disable`` every layer of the process) and reports what the
 ``export`` writes a lorakern method's adapters as a checkpoint ``peft.PeftModel.from_pretrained``
 loads.
 
->>> import lorakern.peft
->>> lorakern.peft.patch(peft_model)  # doctest: +SKIP
-28
+Needs ``pip install "lorakern[peft]"`` (PEFT, Mangrulkar et al., github.com/huggingface/peft).
+
+- ``patch(model) -> int``: the PEFT LoRA layers of ``model`` now fused (in place; logs a report at
+  INFO on the ``lorakern.peft`` logger); ``unpatch(model) -> int`` restores PEFT's forward.
+- ``enable()`` / ``disable()`` / ``is_enabled()``: every PEFT ``lora.Linear`` of the process,
+  present and future (for Trainer / TRL scripts that never hold the model).
+- ``report(model) -> Report``: layers fused, the reason for each that is not, calls since patch.
+- ``save_peft(method, model, path)``: a ``lorakern.methods`` model as a PEFT checkpoint.
+
+Each raises TypeError for a ``model`` that is not an ``nn.Module``. Parameters stay the same
+objects: state dicts, ``save_pretrained`` and ``merge_and_unload`` are unchanged. A layer the op
+cannot compute exactly runs PEFT's own forward (DEBUG logs the reason).
+
+>>> import torch, lorakern.peft
+>>> from peft import LoraConfig, get_peft_model
+>>> net = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+>>> model = get_peft_model(net, LoraConfig(r=4, target_modules=["0", "2"]))
+>>> lorakern.peft.patch(model)
+2
+>>> model(torch.randn(3, 16)).shape
+torch.Size([3, 4])
+>>> lorakern.peft.report(model).fused, lorakern.peft.unpatch(model)
+(2, 2)
 """
 from lorakern.peft.export import save_peft
 from lorakern.peft.patching import Report, disable, enable, is_enabled, patch, report, unpatch
