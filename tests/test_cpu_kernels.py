@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import cpu_ext_cannot_build
 from lorakern import cpu_ext
 from lorakern.testing import randn, randn_view, rel_err, strided_copy
 from test_cuda import _torch_keep_uniform
@@ -33,6 +34,8 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-5}  # the kernels compute in f32 
 def ops():
     ok, why = cpu_ext.available()
     if not ok:
+        if not cpu_ext_cannot_build(why):
+            pytest.fail(f"the CPU extension is {why}")  # a toolchain is here: it must build and load
         pytest.skip(f"the CPU extension is {why}")
     return cpu_ext.ops()
 

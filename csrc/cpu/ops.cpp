@@ -130,6 +130,23 @@ struct Keep {
   }
 };
 
+// Runs body(keep, buf, i0, n) over the blocks of block_rows(K) rows of [0, m) (rows i0 .. i0 + n),
+// the blocks split over at::parallel_for's threads; each worker has its own Keep (the mask's
+// stream, or none) and one f32 buffer [bm, K].
+template <typename Body>
+void for_row_blocks(int64_t m, int64_t K, const Isa* isa, const Stream* stream, Body&& body) {
+  const int64_t bm = block_rows(K), nb = (m + bm - 1) / bm;
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    const at::NoGradGuard no_grad;  // grad mode is per thread: on in a fresh worker
+    Keep keep(isa, stream, K);
+    Tensor buf = at::empty({bm, K}, at::TensorOptions().dtype(at::kFloat));
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t i0 = b * bm;
+      body(keep, buf, i0, std::min(bm, m - i0));
+    }
+  });
+}
+
 // ------------------------------------------------------------------------- argument checks
 
 void check_x(const Tensor& t, const char* name) {
@@ -253,17 +270,10 @@ Tensor shrink(const Tensor& x, const Tensor& A, const c10::optional<Tensor>& row
   const Stream s = make_stream(seed, p, K);
   const Isa* isa = current_isa().load();
   const Tensor aT = a.t();
-  const int64_t bm = block_rows(K), nb = (m + bm - 1) / bm;
-  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-    const at::NoGradGuard no_grad;  // grad mode is per thread: on in a fresh worker
-    Keep keep(isa, p > 0 ? &s : nullptr, K);
-    Tensor buf = at::empty({bm, K}, q.options());
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t i0 = b * bm, n = std::min(bm, m - i0);
-      load_block(x, rs, i0, n, keep, buf);
-      Tensor qb = q.narrow(0, i0, n);
-      at::mm_out(qb, buf.narrow(0, 0, n), aT);
-    }
+  for_row_blocks(m, K, isa, p > 0 ? &s : nullptr, [&](Keep& keep, Tensor& buf, int64_t i0, int64_t n) {
+    load_block(x, rs, i0, n, keep, buf);
+    Tensor qb = q.narrow(0, i0, n);
+    at::mm_out(qb, buf.narrow(0, 0, n), aT);
   });
   return q;
 }
@@ -285,20 +295,13 @@ void add_masked_(const Tensor& dx, const Tensor& dq, const Tensor& A, const c10:
   const Isa* isa = current_isa().load();
   const float scale = (float)(1.0 / (1.0 - p));
   const Tensor d = dq.contiguous();
-  const int64_t bm = block_rows(K), nb = (m + bm - 1) / bm;
-  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-    const at::NoGradGuard no_grad;  // grad mode is per thread: on in a fresh worker
-    Keep keep(isa, p > 0 ? &s : nullptr, K);
-    Tensor buf = at::empty({bm, K}, d.options());
+  for_row_blocks(m, K, isa, p > 0 ? &s : nullptr, [&](Keep& keep, Tensor& buf, int64_t i0, int64_t n) {
+    Tensor vb = buf.narrow(0, 0, n);
+    at::mm_out(vb, d.narrow(0, i0, n), a);
     float* v = buf.data_ptr<float>();
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t i0 = b * bm, n = std::min(bm, m - i0);
-      Tensor vb = buf.narrow(0, 0, n);
-      at::mm_out(vb, d.narrow(0, i0, n), a);
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t r = rs[i0 + i];
-        add_row(dx, r, v + i * K, scale, keep.row(r), isa);
-      }
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t r = rs[i0 + i];
+      add_row(dx, r, v + i * K, scale, keep.row(r), isa);
     }
   });
 }
