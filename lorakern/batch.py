@@ -38,6 +38,11 @@ def _shape(t: torch.Tensor) -> str:
 class AdapterBatch:
     """One adapter per row: ``adapter_index`` checked, sorted and counted once.
 
+    Mixed-adapter batches as in multi-adapter serving (S-LoRA, arXiv 2311.03285; Punica, arXiv
+    2310.18547) and PEFT's ``adapter_names``: build it once per batch and pass it as
+    ``adapter_index`` to every layer (``lora_linear``, ``AdapterBank``), so the index is read
+    once, not once per layer.
+
     Args:
         adapter_index: int32 / int64 [M] on the rows' device, values in [-1, num_adapters);
             -1 means the base layer only.
@@ -90,6 +95,10 @@ class AdapterBatch:
 
 class ActiveRanks:
     """A rank mask and the ranks it leaves active (in any adapter), compacted once.
+
+    AdaLoRA's budget (arXiv 2303.10512) as a mask: pass it as ``rank_mask`` to every layer that
+    shares the mask, and kernels loop over the active ranks only; build a new one when the mask
+    changes.
 
     Args:
         rank_mask: bool [R] or [G, R]; True keeps a rank.
