@@ -94,13 +94,7 @@ def _load() -> tuple[bool, str]:
 
     if not is_ninja_available():
         return False, "unavailable: ninja not found (pip install ninja)"
-    try:
-        build()
-    except Exception as e:  # noqa: BLE001 - any build failure makes the extension unavailable
-        print(f"lorakern: the CPU extension did not build:\n{e}", file=sys.stderr)
-        line = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        return False, f"unavailable: build failed: {line[:200]}"
-    return True, ""
+    return extension.built(build, "CPU extension")
 
 
 def ops():

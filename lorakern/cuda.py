@@ -108,16 +108,7 @@ def _load() -> tuple[bool, str]:
     if hasattr(torch.ops, "lorakern_cuda") and hasattr(torch.ops.lorakern_cuda, "forward"):
         return True, ""
     pre = _prebuilt()
-    try:
-        if pre is not None:
-            torch.ops.load_library(pre)
-        else:
-            build()
-    except Exception as e:  # noqa: BLE001 - any build failure makes the backend unavailable
-        print(f"lorakern: {e}", file=sys.stderr)
-        line = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        return False, f"unavailable: build failed: {line[:200]}"
-    return True, ""
+    return extension.built((lambda: torch.ops.load_library(pre)) if pre is not None else build, "CUDA extension")
 
 
 @functools.lru_cache(maxsize=None)

@@ -13,9 +13,9 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
-__all__ = ["build_module", "stale", "main"]
+__all__ = ["build_module", "stale", "built", "main"]
 
 _ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,6 +35,18 @@ def stale(library: str, inputs: Iterable[str]) -> bool:
         return True
     built = os.path.getmtime(library)
     return any(os.path.getmtime(f) > built for f in inputs)
+
+
+def built(build: Callable[[], object], what: str) -> tuple[bool, str]:
+    """Run ``build``; ``(True, "")``, or, when it raises, the compiler's output on stderr and
+    ``(False, "unavailable: build failed: <its first line>")``."""
+    try:
+        build()
+    except Exception as e:  # noqa: BLE001 - any build failure makes the extension unavailable
+        print(f"lorakern: the {what} did not build:\n{e}", file=sys.stderr)
+        line = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        return False, f"unavailable: build failed: {line[:200]}"
+    return True, ""
 
 
 def main(argv: list[str]) -> int:

@@ -155,14 +155,18 @@ def _case_id(c):
     return f"{str(c[0])[6:]}-{c[1]}-{c[2]}"
 
 
+def _draws(gen, dtype, layout, rows_kind):
+    """(M, K, Ra, seed, x [M, K] in ``layout``, A [Ra, K], rows) for each of SHAPES, fresh."""
+    for M, K, Ra in SHAPES:
+        seed = int(torch.randint(0, 2**62, (), generator=gen))
+        yield (M, K, Ra, seed, _x(gen, M, K, dtype, layout), randn(gen, Ra, K, dtype=dtype),
+               _rows(gen, M, rows_kind))
+
+
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("dtype,layout,rows_kind", CASES, ids=[_case_id(c) for c in CASES])
 def test_shrink(ops, isa, gen, dtype, layout, rows_kind, p):
-    for M, K, Ra in SHAPES:
-        seed = int(torch.randint(0, 2**62, (), generator=gen))
-        x = _x(gen, M, K, dtype, layout)
-        A = randn(gen, Ra, K, dtype=dtype)
-        rows = _rows(gen, M, rows_kind)
+    for M, K, Ra, seed, x, A, rows in _draws(gen, dtype, layout, rows_kind):
         xk = x.double() * _keep(ops, seed, M, K, p) / (1 - p)
         want = (xk if rows is None else xk[rows]) @ A.double().T
         q = ops.shrink(x, A, rows, p, seed)
@@ -173,12 +177,8 @@ def test_shrink(ops, isa, gen, dtype, layout, rows_kind, p):
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("dtype,layout,rows_kind", CASES, ids=[_case_id(c) for c in CASES])
 def test_add_masked(ops, isa, gen, dtype, layout, rows_kind, p):
-    for M, K, Ra in SHAPES:
-        seed = int(torch.randint(0, 2**62, (), generator=gen))
-        dx = _x(gen, M, K, dtype, layout)
+    for M, K, Ra, seed, dx, A, rows in _draws(gen, dtype, layout, rows_kind):
         before = dx.double()
-        A = randn(gen, Ra, K, dtype=dtype)
-        rows = _rows(gen, M, rows_kind)
         m = M if rows is None else len(rows)
         dq = randn(gen, m, Ra)
         keep = _keep(ops, seed, M, K, p)
@@ -197,10 +197,7 @@ def test_add_masked(ops, isa, gen, dtype, layout, rows_kind, p):
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("dtype,layout,rows_kind", CASES, ids=[_case_id(c) for c in CASES])
 def test_masked_At(ops, isa, gen, dtype, layout, rows_kind, p):
-    for M, K, Ra in SHAPES:
-        seed = int(torch.randint(0, 2**62, (), generator=gen))
-        x = _x(gen, M, K, dtype, layout)
-        rows = _rows(gen, M, rows_kind)
+    for M, K, Ra, seed, x, _, rows in _draws(gen, dtype, layout, rows_kind):
         m = M if rows is None else len(rows)
         dq = randn(gen, m, Ra)
         xk = x.double() * _keep(ops, seed, M, K, p) / (1 - p)
