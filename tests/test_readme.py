@@ -71,8 +71,8 @@ def test_readme_python_block_runs(index, one_thread, monkeypatch, tmp_path):
     if NOT_RUN.search(block["before"]):
         pytest.skip(f"README line {block['line']}: {block['before'].strip()}")
     for mod in ("peft", "transformers"):
-        if re.search(rf"^\s*(import|from)\s+{mod}\b", block["code"], re.M):
-            pytest.importorskip(mod, reason=f'README line {block["line"]} needs pip install "lorakern[peft]"')
+        if re.search(rf"^\s*(import|from)\s+(lorakern\.)?{mod}\b", block["code"], re.M):
+            pytest.importorskip(mod, reason=f'README line {block["line"]} needs pip install ".[peft]"')
     monkeypatch.chdir(tmp_path)
     ns = {"__name__": "__readme__"}
     if CONTINUES.search(block["before"]):
@@ -117,5 +117,5 @@ def test_readme_links_resolve():
 def test_readme_extras_exist():
     tomllib = pytest.importorskip("tomllib")  # python >= 3.11; the project allows 3.10
     extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
-    named = set(re.findall(r'lorakern\[(\w+)\]', README.read_text()))
+    named = set(re.findall(r'(?:lorakern|\.)\[(\w+)\]', README.read_text()))
     assert named and named <= extras, f"README names extras pyproject.toml lacks: {sorted(named - extras)}"
