@@ -380,3 +380,16 @@ def test_adapter_bank_rows():
     ref = reference_lora_linear(x.reshape(6, 16), base.weight, base.bias, bank.lora_A, bank.lora_B,
                                 scaling=bank.scaling, adapter_index=idx.reshape(-1))
     torch.testing.assert_close(y.reshape(6, 8).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_base_scale_one_gives_linear_bits(backend):
+    """DoRA right after initialisation (B = 0, ratio c = 1) is the base layer bit for bit, as in
+    PEFT (whose own test_lora_use_dora_linear checks it with allclose on a biased 1000 x 1000)."""
+    if not lorakern.backend_status(backend)[0]:
+        pytest.skip(f"backend {backend} {lorakern.backend_status(backend)[1]}")
+    gen = torch.Generator().manual_seed(0)
+    x, W, b = torch.rand(10, 1000, generator=gen), torch.randn(1000, 1000, generator=gen) / 30, torch.randn(1000) / 30
+    A, B, one = torch.randn(8, 1000, generator=gen), torch.zeros(1000, 8), torch.ones(1000)
+    y = lorakern.lora_linear(x, W, b, A, B, base_scale=one, out_scale=one, backend=backend)
+    assert torch.equal(y, torch.nn.functional.linear(x, W, b))

@@ -80,11 +80,13 @@ def _groups(op: Operands, G: int):
 
 
 def _base(x, weight, bias, base_scale):
-    """c * (x W^T) + b, a fresh tensor."""
-    if base_scale is None:
-        return torch.addmm(bias, x, weight.T) if bias is not None else torch.mm(x, weight.T)
-    y = torch.mm(x, weight.T).mul_(base_scale)
-    return y if bias is None else y.add_(bias)
+    """c * (x W^T) + b, a fresh tensor. With c, in PEFT's DoRA order, ``y + (c - 1) * (y - b)`` for
+    ``y = x W^T + b``, so that c = 1 (DoRA right after initialisation) gives F.linear's bits."""
+    y = torch.addmm(bias, x, weight.T) if bias is not None else torch.mm(x, weight.T)
+    if base_scale is not None:
+        z = y - bias if bias is not None else y.clone()
+        y.add_(z.mul_(base_scale - 1))
+    return y
 
 
 def forward(pb: Problem, op: Operands, passes: MaskedPasses) -> tuple[torch.Tensor, torch.Tensor]:
