@@ -60,7 +60,8 @@ def test_allocation_regression_and_claims(quick):
             assert len(got["ranks"]) == 6 and all(0 <= r <= 8 for r in got["ranks"]) and finite(got["mse"])
             assert got["distance"] == sum(abs(a - k) for a, k in zip(got["ranks"], alloc["true"]))
     for regress in result["regression"]:
-        assert set(regress) == {"lora", "lora (re-init)", "reflora", "reflora-S"}
+        assert set(regress) == {"lora", "reflora", "lora (random A, B)", "reflora (random A, B)",
+                                "reflora-S (random A, B)"}
         assert all(finite(v) for res in regress.values() for v in res["curve"])
     papers = {c["paper"] for c in result["claims"]}
     assert {"Tied-LoRA 2311.09578", "IGU-LoRA 2603.13792", "RefLoRA 2505.18877", "CG-LoRA 2603.29824"} <= papers

@@ -30,7 +30,11 @@ class IGULoRA(AdaLoRA):
       reference samples these right-end points, as here. Once the allocation is final, alpha is 1
       (the reference keeps drawing it during its pruning run's last phase and retrains at 1);
     - an entry's score is ``(EMA of |w * grad w| + 1e-6) / (EMA of its deviation + 1e-6)`` (a
-      signal-to-noise ratio, reference ``calculate_score``), summed per triplet as AdaLoRA does;
+      signal-to-noise ratio, reference ``calculate_score``), summed per triplet as AdaLoRA does.
+      Where ``|w * grad w|`` stays far below 1e-6 an entry scores about 1 and a pruned triplet
+      (E = 0, so no gradient in A, B, E) exactly 3; ties at the threshold are all pruned (the
+      reference's ``<=``, as PEFT's), so on small models the allocation can collapse (the method
+      bench's allocation task shows it, docs/methods.md);
     - the budget is in parameters: one rank of a layer costs ``in + out`` (its row of A and column
       of B), so the final budget is what ``target_r`` ranks on every layer cost, and pruning walks
       the triplets by rising score until the pruned cost reaches ``initial - budget`` (the
