@@ -81,7 +81,7 @@ def cpu_sources() -> list[str]:
 
 
 def cpu_inputs() -> list[str]:
-    """Every file the CPU build reads (csrc/cpu/ and philox.h): the library is stale when one is newer."""
+    """Every file the CPU build reads (csrc/cpu/ and philox.h): their hash names the library."""
     return sorted(cpu_sources() + [str(p) for p in (CSRC / "cpu").glob("*.h")] + [str(CSRC / "philox.h")])
 
 

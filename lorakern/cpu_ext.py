@@ -33,20 +33,21 @@ def _compiler() -> Optional[str]:
 
 
 def _library() -> tuple[str, str]:
-    """(name, path) of the built library: one per torch version (its ABI)."""
+    """(name, path) of the built library: one per torch version (its ABI) and version of the sources."""
     from torch.utils.cpp_extension import _get_build_directory
 
-    name = f"lorakern_cpu_t{torch.__version__.split('+')[0].replace('.', '_')}"
+    tag = extension.source_tag(extension.build_module().cpu_inputs())
+    name = f"lorakern_cpu_t{torch.__version__.split('+')[0].replace('.', '_')}_{tag}"
     return name, os.path.join(_get_build_directory(name, False), f"{name}.so")
 
 
 def build(verbose: bool = False) -> str:
-    """Compile and link the extension with ninja (when a source changed) and return the library's path."""
+    """Compile and link the extension with ninja (when not built yet) and return the library's path."""
     from torch.utils.cpp_extension import load
 
     lb = extension.build_module()
     name, path = _library()
-    if extension.stale(path, lb.cpu_inputs()):
+    if not os.path.exists(path):
         print("lorakern: building the CPU extension once (about a minute)...", file=sys.stderr, flush=True)
     load(name=name, sources=lb.cpu_sources(), extra_cflags=lb.cpu_cflags(), extra_ldflags=lb.cpu_ldflags(),
          build_directory=os.path.dirname(path), is_python_module=False, verbose=verbose)
@@ -85,7 +86,7 @@ def _load() -> tuple[bool, str]:
     if hasattr(torch.ops, "lorakern_cpu") and hasattr(torch.ops.lorakern_cpu, "shrink"):
         return True, ""
     path = _library()[1]
-    if not extension.stale(path, extension.build_module().cpu_inputs()):
+    if os.path.exists(path):
         torch.ops.load_library(path)
         return True, ""
     if _compiler() is None:

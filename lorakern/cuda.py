@@ -83,13 +83,13 @@ def build(verbose: bool = False) -> str:
     cpp_extension.CUDA_HOME = home  # torch's builders read this module global
     arch = _jit_archs(lb)
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch
+    inputs = [f for d in {os.path.dirname(s) for s in lb.sources()} for f in glob.glob(os.path.join(d, "*.*"))]
     tag = f"lorakern_cuda_t{torch.__version__.split('+')[0].replace('.', '_')}_cu{torch.version.cuda.replace('.', '')}" \
-          f"_sm{arch.replace('.', '').replace(';', '_').replace('+PTX', 'p')}"
+          f"_sm{arch.replace('.', '').replace(';', '_').replace('+PTX', 'p')}_{extension.source_tag(inputs)}"
     folder = _get_build_directory(tag, verbose)
     cf = lb.cflags()
     library = os.path.join(folder, f"{tag}.so")
-    inputs = [f for d in {os.path.dirname(s) for s in lb.sources()} for f in glob.glob(os.path.join(d, "*.*"))]
-    if extension.stale(library, inputs):
+    if not os.path.exists(library):
         print("lorakern: building the CUDA extension once (about 2 minutes)...", file=sys.stderr, flush=True)
     try:
         path = load(name=tag, sources=lb.sources(), extra_include_paths=lb.include_dirs(), extra_cflags=cf["cxx"],

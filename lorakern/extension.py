@@ -1,4 +1,4 @@
-"""What the two C++ extensions' loaders share: the build recipe module, staleness, and the command
+"""What the two C++ extensions' loaders share: the build recipe module, the sources' tag, and the command
 that builds one ahead of use.
 
 ``lorakern/cuda.py`` (csrc/, the CUDA kernels) and ``lorakern/cpu_ext.py`` (csrc/cpu/, the CPU
@@ -9,13 +9,14 @@ the library's path (the CUDA one needs nvcc and a CUDA build of torch, not a GPU
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterable
 
-__all__ = ["build_module", "stale", "built", "main"]
+__all__ = ["build_module", "source_tag", "built", "main"]
 
 _ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,12 +30,15 @@ def build_module():
     return lorakern_build
 
 
-def stale(library: str, inputs: Iterable[str]) -> bool:
-    """Whether ``library`` is missing or older than any of ``inputs`` (then a build will compile)."""
-    if not os.path.exists(library):
-        return True
-    built = os.path.getmtime(library)
-    return any(os.path.getmtime(f) > built for f in inputs)
+def source_tag(inputs: Iterable[str]) -> str:
+    """12 hex digits of a hash of the build's input files (names and contents): part of the
+    library's name, so that two checkouts, or two versions of the sources, never share a library
+    (a built library is loaded only by the sources it was built from)."""
+    h = hashlib.sha1()
+    for f in sorted(inputs):
+        h.update(os.path.basename(f).encode())
+        h.update(Path(f).read_bytes())
+    return h.hexdigest()[:12]
 
 
 def built(build: Callable[[], object], what: str) -> tuple[bool, str]:
