@@ -39,7 +39,7 @@ CASES = {
               lambda: LoraConfig(r=R, lora_alpha=8, target_modules=SEVEN, init_lora_weights="pissa")),
     "dora": (lambda: DoRA(r=R, lora_alpha=8, target_modules=SEVEN),
              lambda: LoraConfig(r=R, lora_alpha=8, target_modules=SEVEN, use_dora=True)),
-    "vera": (lambda: VeRA(r=16, target_modules=SEVEN, projection_prng_key=3),
+    "vera": (lambda: VeRA(r=16, target_modules=SEVEN, projection_prng_key=3, save_projection=False),
              lambda: VeraConfig(r=16, target_modules=SEVEN, projection_prng_key=3, save_projection=False)),
     "vera-saved": (lambda: VeRA(r=16, target_modules=SEVEN, save_projection=True),
                    lambda: VeraConfig(r=16, target_modules=SEVEN, save_projection=True)),
