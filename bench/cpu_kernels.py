@@ -20,30 +20,25 @@ fresh draws, fp32, r = 16, dropout 0.1, for 1 and 2 threads (torch.set_num_threa
 from __future__ import annotations
 
 import argparse
-import statistics
+import functools
 import time
 
 import torch
 
 from lorakern import cpu_ext
+from lorakern.benchmark import timing
 
 P, R, SEED = 0.1, 16, 1234
 
 
-CLOCKS = {"wall": time.perf_counter_ns, "cpu": time.process_time_ns}
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+CPU = torch.device("cpu")
 
 
 def _median_ns(fn, inputs, reps: int, clock) -> float:
-    """Median time of fn(*inputs[i % len(inputs)]) in ns, after one warm-up call per input set."""
-    for args in inputs:
-        fn(*args)
-    times = []
-    for i in range(reps):
-        args = inputs[i % len(inputs)]
-        t0 = clock()
-        fn(*args)
-        times.append(clock() - t0)
-    return statistics.median(times)
+    """Median time of fn(*inputs[i % len(inputs)]) in ns (the one timing loop, inputs rotated)."""
+    step = timing.rotate([functools.partial(fn, *args) for args in inputs])
+    return timing.median_ms(step, CPU, warmup_ms=0, rep_ms=0, min_reps=reps, clock=clock) * 1e6
 
 
 def _inputs(M: int, K: int, sets: int):

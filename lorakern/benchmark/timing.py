@@ -73,11 +73,13 @@ def rotate(steps: Sequence[Callable[[], object]]) -> Callable[[], None]:
 
 
 def median_ms(fn: Callable[[], object], device: torch.device, *, warmup_ms: float = 25, rep_ms: float = 100,
-              min_reps: int = 5) -> float:
+              min_reps: int = 5, clock: Callable[[], float] = time.perf_counter) -> float:
     """Median milliseconds of one call of ``fn``.
 
     On CUDA: ``triton.testing.do_bench(fn, warmup_ms, rep_ms, return_mode="median")``. On CPU:
-    calls for ``warmup_ms`` (at least one), then timed calls for ``rep_ms`` (at least ``min_reps``).
+    calls for ``warmup_ms`` (at least one), then timed calls for ``rep_ms`` (at least ``min_reps``),
+    each timed by ``clock`` (seconds: ``time.perf_counter``, or ``time.process_time`` for the CPU
+    time of this process, which a shared machine's other load disturbs less).
 
     Raises:
         ImportError: on CUDA without triton.
@@ -93,9 +95,9 @@ def median_ms(fn: Callable[[], object], device: torch.device, *, warmup_ms: floa
     times: list[float] = []
     t_end = time.perf_counter() + rep_ms / 1e3
     while len(times) < min_reps or time.perf_counter() < t_end:
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        times.append((time.perf_counter() - t0) * 1e3)
+        times.append((clock() - t0) * 1e3)
     return statistics.median(times)
 
 
