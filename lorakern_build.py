@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 INSTALLED_CSRC = Path("lorakern", "csrc")  # csrc/'s place in a wheel, relative to ROOT once installed
 CSRC = ROOT / INSTALLED_CSRC if (ROOT / INSTALLED_CSRC).is_dir() else ROOT / "csrc"
-SHIPPED = ("*.cpp", "*.cu", "*.cuh", "*.h", "exports.map")  # MANIFEST.in lists the same for the sdist
+SHIPPED = ("*.cpp", "*.cu", "*.cuh", "*.h", "exports.map", "cpu/*.cpp", "cpu/*.h")  # MANIFEST.in: the same
 EXT_NAME = "lorakern._lorakern_cuda"  # the prebuilt library's module name (loaded with torch.ops.load_library)
 DEFAULT_ARCHS = "8.0;9.0"
 
@@ -26,7 +26,8 @@ def sources() -> list[str]:
 
 
 def shipped() -> list[str]:
-    """Every csrc/ file the build reads: sources, headers and the linker's export map."""
+    """Every csrc/ file the builds read (the CUDA and the CPU extension's): sources, headers, the
+    linker's export map."""
     return sorted(str(p) for pattern in SHIPPED for p in CSRC.glob(pattern))
 
 

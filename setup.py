@@ -19,9 +19,10 @@ class BuildPy(build_py):
         super().run()
         if not self.editable_mode:
             dest = os.path.join(self.build_lib, lorakern_build.INSTALLED_CSRC)
-            self.mkpath(dest)
             for src in lorakern_build.shipped():
-                self.copy_file(src, dest)
+                target = os.path.join(dest, os.path.relpath(src, lorakern_build.CSRC))
+                self.mkpath(os.path.dirname(target))
+                self.copy_file(src, target)
 
 
 ext_modules, cmdclass = [], {}
