@@ -112,15 +112,21 @@ def _backward_impl(
 ) -> list[torch.Tensor]:
     """The backward op: the eight gradients of ``Grads``, an empty tensor where ``needs`` is False
     (custom ops return tensors only)."""
-    need = Needs(*needs)
-    if x.shape[0] == 0:
-        grads = _zero_grads(x, weight, lora_A, lora_B, rank_scale, out_scale, base_scale, needs)
-    else:
-        pb = _problem(x, weight, lora_A, scaling, rank_idx, dropout_p, seed, deterministic)
-        op = Operands(x, weight, None, lora_A, lora_B, scaling_g, rank_scale, rank_idx, out_scale, base_scale,
-                      adapter_index, row_order, adapter_rows)
-        grads = backends.get(backend).backward(pb, op, grad_y, q, need)
+    grads = _grads(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx, out_scale,
+                   dropout_p, seed, adapter_index, row_order, adapter_rows, base_scale, q, needs, backend,
+                   deterministic)
     return [g if g is not None else x.new_empty(0) for g in grads]
+
+
+def _grads(grad_y, x, weight, lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx, out_scale, dropout_p,
+           seed, adapter_index, row_order, adapter_rows, base_scale, q, needs, backend, deterministic) -> Grads:
+    """The backend's gradients (``_backward_impl``'s arguments), None where ``needs`` is False."""
+    if x.shape[0] == 0:
+        return _zero_grads(x, weight, lora_A, lora_B, rank_scale, out_scale, base_scale, needs)
+    pb = _problem(x, weight, lora_A, scaling, rank_idx, dropout_p, seed, deterministic)
+    op = Operands(x, weight, None, lora_A, lora_B, scaling_g, rank_scale, rank_idx, out_scale, base_scale,
+                  adapter_index, row_order, adapter_rows)
+    return backends.get(backend).backward(pb, op, grad_y, q, Needs(*needs))
 
 
 _bwd = torch.library.custom_op("lorakern::lora_linear_bwd", mutates_args=())(_backward_impl)
@@ -227,7 +233,7 @@ def _backward(ctx, grad_y, grad_q):
         if ctx.needs[2]:
             grads[2] = grad_y.sum(0)
         return tuple(grads)
-    bwd = _backward_impl if getattr(ctx, "direct", False) else _bwd
+    bwd = _grads if getattr(ctx, "direct", False) else _bwd
     out = bwd(grad_y.contiguous(), x, weight, A, B, scaling, scaling_g, rank_scale, rank_idx, out_scale,
               p, seed, adapter_index, row_order, adapter_rows, base_scale, q, ctx.needs, backend, deterministic)
     for i, g, n in zip(_GRAD_INPUTS, out, ctx.needs):
@@ -262,9 +268,7 @@ class _Direct(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         ctx.direct = True
         _setup_context(ctx, inputs, output)
-        ctx.save_for_forward(*(t for t in inputs if isinstance(t, torch.Tensor)))
-        ctx.is_tensor = tuple(isinstance(t, torch.Tensor) for t in inputs)
-        ctx.others = tuple(None if is_t else t for t, is_t in zip(inputs, ctx.is_tensor))
+        _save_for_jvp(ctx, inputs)
 
     @staticmethod
     def backward(ctx, grad_y, grad_q):
@@ -282,6 +286,31 @@ class _Direct(torch.autograd.Function):
         _, vjp_of_vjp = torch.func.vjp(linear, primals[0].new_zeros(y_shape))
         (dy,) = vjp_of_vjp(tuple(tangents[i] for i in wrt))
         return dy, None
+
+
+def _save_for_jvp(ctx, inputs) -> None:
+    """What ``_Direct.jvp`` reads: the tensor inputs (``save_for_forward``) and the others."""
+    ctx.save_for_forward(*(t for t in inputs if isinstance(t, torch.Tensor)))
+    ctx.is_tensor = tuple(isinstance(t, torch.Tensor) for t in inputs)
+    ctx.others = tuple(None if is_t else t for t, is_t in zip(inputs, ctx.is_tensor))
+
+
+class _EagerDirect(_Direct):
+    """``_Direct`` outside torch.func transforms, in the ctx-taking style: autograd applies it without
+    binding its signature (``Function.apply`` calls ``inspect.signature`` on every call of a
+    ``setup_context``-style function, ~60 us of a small layer's step on the CI CPU), and keeps what
+    ``jvp`` reads only inside a forward-AD level (``torch.autograd.forward_ad.dual_level``)."""
+
+    setup_context = torch.autograd.Function.setup_context  # not overridden: forward takes ctx
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out = _forward_impl(*inputs)
+        ctx.direct = True
+        _setup_context(ctx, inputs, out)
+        if fwAD._current_level >= 0:
+            _save_for_jvp(ctx, inputs)
+        return out
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -454,7 +483,10 @@ def lora_linear(
         raise NotImplementedError("lora_linear: forward-mode AD (a dual tensor) through the registered op, which "
                                   "torch.compile, torch.jit.trace, the meta device and tensor subclasses take, "
                                   "is not supported; plain eager tensors support it")
-    y, _ = (_Direct.apply if direct else _fwd)(x2, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale,
-                                               rank_idx, out_scale, dropout_p, seed_t, adapter_index, row_order,
-                                               adapter_rows, base_scale, name, deterministic)
+    if direct:  # torch.func transforms need the setup_context style; anything else takes the cheaper one
+        op = _Direct.apply if torch._C._are_functorch_transforms_active() else _EagerDirect.apply
+    else:
+        op = _fwd
+    y, _ = op(x2, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx, out_scale, dropout_p,
+              seed_t, adapter_index, row_order, adapter_rows, base_scale, name, deterministic)
     return y if x.dim() == 2 else y.reshape(*lead, N)
