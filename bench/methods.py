@@ -460,11 +460,11 @@ def print_report(rows: dict, alloc: list[dict], regress: list[dict], found: list
     print(f"\nRank allocation (true ranks {alloc[0]['true']}; uniform split distance {alloc[0]['uniform_distance']})")
     for name in alloc[0]["methods"]:
         dist = statistics.fmean(a["methods"][name]["distance"] for a in alloc)
-        print(f"  {name:<14} ranks {alloc[0]['methods'][name]['ranks']}  L1 distance {dist:.1f}  "
-              f"fit mse {alloc[0]['methods'][name]['mse']:.2e}")
+        print(f"  {name:<14} ranks (seed {seeds[0]}) {alloc[0]['methods'][name]['ranks']}  mean L1 distance "
+              f"{dist:.1f}  fit mse {alloc[0]['methods'][name]['mse']:.2e}")
     print("\nLow-rank regression (relative loss)")
     for name in regress[0]:
-        print(f"  {name:<16} final {statistics.fmean(g[name]['final'] for g in regress):.2e}  steps to 1e-2 "
+        print(f"  {name:<24} final {statistics.fmean(g[name]['final'] for g in regress):.2e}  steps to 1e-2 "
               f"{[g[name]['steps_to_1e-2'] for g in regress]}")
     print("\nClaims")
     for c in found:
@@ -476,10 +476,10 @@ def plot(rows: dict, runs: list[dict], alloc: list[dict], regress: list[dict], p
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
-    for name in rows:
+    for i, name in enumerate(rows):
         run = next(r for r in runs if r["method"] == name)
         steps, losses = zip(*run["curve"])
-        axes[0].plot(steps, losses, label=name, ls="--" if name.startswith("peft") else "-")
+        axes[0].plot(steps, losses, label=name, ls="--" if name.startswith("peft") else "-", color=plt.cm.tab20(i))
     axes[0].set(title="LM adaptation: held-out loss (seed 0)", xlabel="step", ylabel="loss")
     axes[0].legend(fontsize=7, ncol=2)
     names = list(alloc[0]["methods"])
