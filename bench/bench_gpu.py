@@ -1,6 +1,6 @@
 """GPU benchmark set (marker ``gpu``; skipped without CUDA): every provider in one process.
 
-Two groups of DESIGN.md section 6 in the GPU's dtype (bf16): training, forward+backward at
+Two groups of docs/contract.md section 6 in the GPU's dtype (bf16): training, forward+backward at
 M=8192, K=N=4096, r=16; decoding, forward at M=16 (CUDA graphs). Dropout 0 and 0.1. Each
 time is ``triton.testing.do_bench``'s median through ``lorakern.benchmark`` (its one timing
 module; inputs rotated past L2); pytest-benchmark runs each step once to register it, and

@@ -24,7 +24,7 @@ from lorakern.testing import GRAD_ARGS, GRAD_FACTOR, check_against_oracle, rando
 
 def check(dt: torch.dtype, M: int, K: int, N: int, R: int, G: int, *, p: float, strided: bool, extras: bool) -> float:
     """The worst relative error of y and every gradient (the base weight's too) against the float64
-    oracle (``lorakern.testing.check_against_oracle``); AssertionError past the bounds of DESIGN.md
+    oracle (``lorakern.testing.check_against_oracle``); AssertionError past the bounds of docs/contract.md
     section 5 or on a NaN. G = 0: one adapter; ``strided``: x every other column, A column-major;
     ``extras``: bias, per-adapter rank_scale, shared out_scale and rank mask."""
     extra = lambda kind: kind if extras else None  # noqa: E731

@@ -46,7 +46,7 @@ def _check_parser() -> argparse.ArgumentParser:
         epilog="One forward and backward with dropout 0.1 and scaling 2 per backend that runs here; a backend that "
                "does not says why. Under TRITON_INTERPRET=1 the triton backend runs in the interpreter on CPU (slow: "
                "use small sizes, -M 64 -K 64 -N 64). Exit status 1 when a backend's error is over tolerance "
-               "(lorakern.testing's: DESIGN.md section 5).")
+               "(lorakern.testing's: docs/contract.md section 5).")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="where to run (default: cuda when there is a GPU, else cpu); bf16 on cuda, fp32 on cpu")
     ap.add_argument("-M", type=int, default=1024, help="rows of x (tokens), default 1024")

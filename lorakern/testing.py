@@ -1,4 +1,4 @@
-"""The correctness harness: random inputs, the float64 oracle check and the tolerances of DESIGN.md section 5.
+"""The correctness harness: random inputs, the float64 oracle check and the tolerances of docs/contract.md section 5.
 
 One place for what the test suite, the ``bench/`` scripts and ``lorakern check`` judge a backend by:
 
@@ -32,7 +32,7 @@ from lorakern.alloc import poisoned
 __all__ = ["TOL", "GRAD_FACTOR", "GRAD_ARGS", "tolerance", "rel_err", "randn", "randn_view", "strided_copy",
            "random_problem", "leaf_copy", "run_op", "Comparison", "check_against_oracle"]
 
-# relative-error bounds of DESIGN.md section 5, by precision
+# relative-error bounds of docs/contract.md section 5, by precision
 TOL = {
     "float64": 1e-10,
     "float32": 1e-5,  # the torch backend on a CPU

@@ -56,7 +56,7 @@ class Case:
 
     @property
     def tol(self) -> float:
-        """The forward's bound (DESIGN.md section 5); gradients get ``GRAD_FACTOR`` times it."""
+        """The forward's bound (docs/contract.md section 5); gradients get ``GRAD_FACTOR`` times it."""
         return tolerance(self.backend, self.device, self.dtype)
 
     def __str__(self) -> str:

@@ -115,8 +115,9 @@ def add_update(pb: Problem, op: Operands, y: torch.Tensor, passes: MaskedPasses)
         s, ug, vg = _adapter_args(g, pb.scaling, op.scaling_g, u, op.out_scale)
         qg = torch.mm(_as(xk[rows], A.dtype), A[g].T).to(q.dtype).mul_(inv)
         q[rows] = qg
-        Bv = B[g] if vg is None else B[g] * vg[:, None]
-        y.index_add_(0, rows, _as(torch.mm(_as(qg * _rank_factor(s, ug), Bv.dtype), Bv.T), y.dtype))
+        Bv = _as(B[g], q.dtype) if vg is None else _as(B[g], q.dtype) * _as(vg, q.dtype)[:, None]
+        # the update in q's dtype, rounded once to y's when added (half-precision adapters too)
+        y.index_add_(0, rows, _as(torch.mm(qg * _rank_factor(s, ug), Bv.T), y.dtype))
     return q
 
 

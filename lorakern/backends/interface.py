@@ -100,7 +100,7 @@ class Backend(Protocol):
         """``(y, q)``: y [M, N] in x's dtype, q = x~ A^T over the active ranks, ``qdtype(x)`` [M, Ra]."""
 
     def backward(self, pb: Problem, op: Operands, grad_y: torch.Tensor, q: torch.Tensor, needs: Needs) -> Grads:
-        """Gradients per DESIGN.md section 1; nothing is computed for what ``needs`` leaves False."""
+        """Gradients per docs/contract.md section 1; nothing is computed for what ``needs`` leaves False."""
 
     def dropout_keep(self, seed: int, M: int, K: int, p: float, device) -> torch.Tensor:
         """bool [M, K]: the keep-mask this backend regenerates (tests hand it to the oracle)."""

@@ -1,6 +1,6 @@
 """``lorakern bench``: lorakern's backends beside the frozen base, PEFT and the addmm style.
 
-Times every provider on the shapes of DESIGN.md section 6 in one process and writes records
+Times every provider on the shapes of docs/contract.md section 6 in one process and writes records
 in the schema of ``bench/README.md``. One job per module:
 
     cases.py        shapes, variants, cases, the quick and full sets

@@ -1,4 +1,4 @@
-"""What ``lorakern bench`` measures: shapes, variants, cases, and the sets of DESIGN.md section 6.
+"""What ``lorakern bench`` measures: shapes, variants, cases, and the sets of docs/contract.md section 6.
 
 >>> import argparse, torch
 >>> args = argparse.Namespace(quick=True, M=(16,), KN=((64, 64),), r=(4,), shapes=None, modes=("fwd",),
@@ -20,7 +20,7 @@ MODES = ("fwd", "bwd", "fwdbwd")
 VARIANTS = ("plain", "masked", "adapters")
 ADAPTERS = 8  # bank size of the multi-adapter variant
 
-# DESIGN.md section 6
+# docs/contract.md section 6
 FULL_M = (1, 16, 128, 2048, 8192)
 FULL_KN = ((4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096))
 FULL_R = (8, 16, 64)
@@ -98,7 +98,7 @@ def _grids(args: argparse.Namespace, cpu: bool) -> tuple[list[Shape], list[Shape
 
 def select_cases(args: argparse.Namespace, device: torch.device) -> list[Case]:
     """The cases the flags of ``lorakern bench`` ask for, sorted: the quick set, the full set of
-    DESIGN.md section 6, or the overrides (``M``, ``KN``, ``r``, ``shapes``, ``modes``,
+    docs/contract.md section 6, or the overrides (``M``, ``KN``, ``r``, ``shapes``, ``modes``,
     ``variants``, ``dropout``, ``part``). The masked variant brings its plain cases at half the
     rank (what a masked half of the ranks should cost)."""
     plain, extra = _grids(args, device.type != "cuda")

@@ -50,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="lorakern bench", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Time lorakern's backends beside the frozen base F.linear, PEFT's layer and the addmm style, "
-                    "in one process, on the shapes of DESIGN.md section 6.",
+                    "in one process, on the shapes of docs/contract.md section 6.",
         epilog=__doc__.split("\n\n")[1] + "\nExit status: 0; 1 when a gate failed; 2 on a usage error.")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="where to run (default: cuda when there is a GPU, else cpu)")

@@ -1,6 +1,6 @@
 """The promised figures, checked against a run's records: targets are marked, gates fail the run.
 
-A :class:`Target` names a figure (DESIGN.md, an issue), the records it applies to, a value per
+A :class:`Target` names a figure (docs/contract.md, an issue), the records it applies to, a value per
 record and the limit that value must not exceed. A target that is missed is marked ``UNMET``
 in the report; a target with ``gate=True`` that is missed is ``FAILED`` and makes ``lorakern
 bench`` (and ``make bench``) exit 1.
@@ -81,9 +81,9 @@ def _cpu_gate_shape(r: dict, mode: str, dropout: float) -> bool:
 
 
 TARGETS: tuple[Target, ...] = (
-    Target("masked ranks cost nothing", "DESIGN.md section 1", "time / plain time at half the rank", 1.02,
+    Target("masked ranks cost nothing", "docs/contract.md section 1", "time / plain time at half the rank", 1.02,
            lambda r: r["provider"].startswith(LK) and r["masked"], _key("ratio_to_half_rank")),
-    Target("nothing M x K saved", "DESIGN.md section 1", "newly saved bytes / (8 M r + 64 KiB)", 1.0,
+    Target("nothing M x K saved", "docs/contract.md section 1", "newly saved bytes / (8 M r + 64 KiB)", 1.0,
            lambda r: r["provider"].startswith(LK) and r["mode"] != "fwd" and "saved_bytes" in r,
            lambda r: r["saved_bytes"] / _saved_limit(r), gate=True),
     Target("CPU fwd+bwd near the base", "bench/bench_cpu.py", "paired time / base time, p=0", 1.10,

@@ -35,7 +35,7 @@ ALPHA_PER_RANK = 2.0  # lora_alpha = 2 r, so scaling = 2
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on CUDA, float32 elsewhere (DESIGN.md section 6)."""
+    """bfloat16 on CUDA, float32 elsewhere (docs/contract.md section 6)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
