@@ -303,6 +303,28 @@ def test_autocast_casts_what_it_casts_for_linear():
     torch.testing.assert_close(y64, lorakern.lora_linear(x64, W64, b64, A64, B64), rtol=0, atol=0)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_autocast_casts_what_it_casts_for_linear(backend, dtype):
+    """Under CUDA autocast the op computes in the autocast dtype, as F.linear does, with fp32
+    leaves and fp32 gradients; float64 stays float64 (the torch backend)."""
+    dev = torch.device("cuda")
+    x, W, b, A, B = (t.detach().to(dev).requires_grad_() for t in
+                     leaves((37, 64), (48, 64), (48,), (8, 64), (48, 8), dtype=torch.float32))
+    with torch.autocast("cuda", dtype=dtype):
+        y = lorakern.lora_linear(x, W, b, A, B, scaling=0.5, backend=backend)
+        want = nn.functional.linear(x, W, b) + 0.5 * nn.functional.linear(nn.functional.linear(x, A), B)
+        assert y.dtype == want.dtype == dtype
+    torch.testing.assert_close(y.float(), want.float(), rtol=2e-2, atol=2e-2)
+    y.float().sum().backward()
+    assert x.grad.dtype == A.grad.dtype == B.grad.dtype == torch.float32
+    if backend in ("auto", "torch"):
+        x64, W64, A64, B64 = (t.detach().double() for t in (x, W, A, B))
+        with torch.autocast("cuda", dtype=dtype):
+            assert lorakern.lora_linear(x64, W64, None, A64, B64, backend=backend).dtype == F64
+
+
 def test_float64_peft_llama_stays_float64_under_autocast():
     ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(0))
     model = get_peft_model(tiny_llama(0).double(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
