@@ -7,12 +7,12 @@ and owns the autograd formula's plumbing.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from lorakern import backends
+from lorakern import backends, differentiable
 from lorakern.backends.interface import Grads, Needs, Operands, Problem, qdtype
 from lorakern.batch import ActiveRanks, AdapterBatch
 from lorakern.checks import check_args
@@ -166,57 +166,6 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(q)
 
 
-def _composed(x, weight, bias, lora_A, lora_B, scaling, scaling_g, rank_scale, rank_idx, out_scale, dropout_p,
-              seed, adapter_index, row_order, adapter_rows, base_scale, backend, deterministic) -> torch.Tensor:
-    """y of the op (``_forward_impl``'s arguments) composed from differentiable torch ops, with the
-    backend's own dropout mask and the adapter branch in ``qdtype(x)``: what double backward and
-    forward-mode AD differentiate. Banks cost one [M, N] product per adapter here."""
-    qd = qdtype(x)
-    y = torch.mm(x, weight.T)
-    if base_scale is not None:
-        y = y * base_scale
-    if bias is not None:
-        y = y + bias
-    xk = x.to(qd)
-    if dropout_p > 0.0:
-        keep = backends.get(backend).dropout_keep(int(seed), x.shape[0], x.shape[1], dropout_p, x.device)
-        xk = torch.where(keep, xk, 0) / (1.0 - dropout_p)
-    if rank_idx is not None:
-        lora_A, lora_B = lora_A.index_select(-2, rank_idx), lora_B.index_select(-1, rank_idx)
-        rank_scale = None if rank_scale is None else rank_scale.index_select(-1, rank_idx)
-
-    def delta(A, B, s, u, v):
-        t = torch.mm(xk, A.to(qd).T) * s
-        t = t if u is None else t * u.to(qd)
-        B = B if v is None else B * v[:, None]
-        return torch.mm(t.to(y.dtype), B.to(y.dtype).T)
-
-    if lora_A.dim() == 2:
-        return y + delta(lora_A, lora_B, scaling, rank_scale, out_scale)
-    for g in range(lora_A.shape[0]):
-        pick = lambda t: t if t is None or t.dim() == 1 else t[g]  # noqa: E731
-        s = scaling if scaling_g is None else scaling_g[g]
-        d = delta(lora_A[g], lora_B[g], s, pick(rank_scale), pick(out_scale))
-        y = y + torch.where((adapter_index == g)[:, None], d, 0)
-    return y
-
-
-def _vjp_of_composed(inputs: Sequence, wrt: Sequence[int], grad_y: torch.Tensor):
-    """The gradients of ``_composed(*inputs)`` for the inputs at positions ``wrt`` given grad_y, by
-    ``torch.func.vjp`` (so they compose with autograd's create_graph and with torch.func)."""
-    if not wrt:
-        return ()
-
-    def f(*args):
-        full = list(inputs)
-        for i, a in zip(wrt, args):
-            full[i] = a
-        return _composed(*full)
-
-    _, vjp = torch.func.vjp(f, *(inputs[i] for i in wrt))
-    return vjp(grad_y)
-
-
 def _backward(ctx, grad_y, grad_q):
     (x, weight, A, B, scaling_g, rank_scale, rank_idx, out_scale, adapter_index, row_order, adapter_rows,
      base_scale, q, seed) = ctx.saved_tensors
@@ -228,7 +177,7 @@ def _backward(ctx, grad_y, grad_q):
         inputs = (x, weight, None, A, B, scaling, scaling_g, rank_scale, rank_idx, out_scale, p, seed,
                   adapter_index, row_order, adapter_rows, base_scale, backend, deterministic)
         wrt = [i for i, n in zip(_GRAD_INPUTS, ctx.needs) if n and i != 2]  # db = colsum(g): bias is not needed
-        for i, g in zip(wrt, _vjp_of_composed(inputs, wrt, grad_y)):
+        for i, g in zip(wrt, differentiable.vjp(inputs, wrt, grad_y)):
             grads[i] = g
         if ctx.needs[2]:
             grads[2] = grad_y.sum(0)
@@ -251,7 +200,7 @@ class _Direct(torch.autograd.Function):
     torch.compile, torch.jit.trace, the meta device, fake and subclass tensors.
 
     Supported: double backward (``create_graph=True``: the gradients are composed from
-    differentiable torch ops, ``_composed``), forward-mode AD (``torch.func.jvp``,
+    differentiable torch ops, ``differentiable.op_output``), forward-mode AD (``torch.func.jvp``,
     ``torch.autograd.forward_ad``: ``jvp`` below) and ``torch.func`` transforms (``setup_context``
     style, vmap rule generated; with dropout, vmap needs ``randomness="same"``, and vmap raises
     for random ops without it). The registered op has no jvp rule: forward-mode AD through it
@@ -277,12 +226,12 @@ class _Direct(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, *tangents):
         """The tangent of y (q gets none: it is not differentiable): J t as the reverse-mode derivative
-        of the linear map g -> J^T g of ``_composed`` (forward-mode AD does not nest)."""
+        of the linear map g -> J^T g of ``differentiable.op_output`` (forward-mode AD does not nest)."""
         saved = iter(ctx.saved_tensors)
         primals = [next(saved) if is_t else t for t, is_t in zip(ctx.others, ctx.is_tensor)]
         wrt = [i for i, t in enumerate(tangents) if isinstance(t, torch.Tensor)]
         y_shape = (primals[0].shape[0], primals[1].shape[0])
-        linear = lambda g: _vjp_of_composed(primals, wrt, g)  # noqa: E731  g -> J^T g
+        linear = lambda g: differentiable.vjp(primals, wrt, g)  # noqa: E731  g -> J^T g
         _, vjp_of_vjp = torch.func.vjp(linear, primals[0].new_zeros(y_shape))
         (dy,) = vjp_of_vjp(tuple(tangents[i] for i in wrt))
         return dy, None
