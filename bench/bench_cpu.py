@@ -1,4 +1,4 @@
-"""CPU benchmark gates, run in the default tier: lorakern's torch path against ``F.linear``.
+"""CPU benchmark gates, run in the default tier: what ``backend="auto"`` runs on this CPU against ``F.linear``.
 
 fp32, M=4096, K=N=2048, r=16, forward+backward with the base frozen (gradients of x, A and B),
 every provider in the same process, medians of interleaved runs (``lorakern.benchmark.run``):
@@ -6,7 +6,8 @@ every provider in the same process, medians of interleaved runs (``lorakern.benc
     pytest -q bench/bench_cpu.py
 
 Gates (``lorakern.benchmark.gates``, the limits' one home), each against figures measured in
-this run: lorakern-torch <= 1.10x the base without dropout and <= 1.45x with dropout 0.1 (the
+this run: lorakern-auto (the cpu backend where the CPU extension runs, else the torch backend)
+<= 1.10x the base without dropout and <= 1.45x with dropout 0.1 (the
 median over rounds of its time over base's time in the same round: ``paired_ratio_to_base``);
 it newly saves <= 8*M*r + 64 KiB. PEFT's and the addmm style's figures go to ``extra_info``.
 """
@@ -19,9 +20,9 @@ from lorakern import benchmark as bm
 from lorakern.benchmark import gates
 
 SHAPE = bm.Shape(*gates.CPU_GATE_SHAPE)
-PROVIDERS = ("base", "lorakern-torch", "peft", "addmm")
+PROVIDERS = ("base", "lorakern-auto", "lorakern-torch", "peft", "addmm")
 DROPOUTS = (0.0, 0.1)
-# interleaved rounds, each running all 7 provider/dropout steps once: at least 5, then until 60 s
+# interleaved rounds, each running all 9 provider/dropout steps once: at least 5, then until 60 s
 SETTINGS = bm.Settings(cpu_budget_s=60.0, cpu_min_rounds=5, cpu_max_rounds=15)
 CPU = torch.device("cpu")
 

@@ -76,7 +76,7 @@ def _saved_limit(r: dict) -> float:
 
 
 def _cpu_gate_shape(r: dict, mode: str, dropout: float) -> bool:
-    return (r["provider"] == LK + "torch" and r["mode"] == mode and r["dropout"] == dropout and _plain(r)
+    return (r["provider"] == LK + "auto" and r["mode"] == mode and r["dropout"] == dropout and _plain(r)
             and (r["M"], r["K"], r["N"], r["r"]) == CPU_GATE_SHAPE)
 
 
