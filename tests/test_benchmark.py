@@ -75,7 +75,7 @@ def test_triton_tune_compiles_kernel_variants_for_sm90(monkeypatch):
 
 
 def test_gates_fail_the_run_and_targets_are_marked():
-    rec = dict(_record("lorakern-torch", 1.0, mode="fwdbwd", M=4096), K=2048, N=2048, masked=False, adapters=0,
+    rec = dict(_record("lorakern-auto", 1.0, mode="fwdbwd", M=4096), K=2048, N=2048, masked=False, adapters=0,
                paired_ratio_to_base=1.3, saved_bytes=10)
     verdicts = gates.evaluate([rec], "cpu")
     assert [v.target.name for v in gates.failed(verdicts)] == ["CPU fwd+bwd near the base"]
