@@ -94,8 +94,16 @@ def _rank(rank: int, port: int, out: str) -> None:
 def ranks(tmp_path_factory) -> str:
     """Spawns the two ranks once for every mode; the folder of rank 0's results."""
     out = str(tmp_path_factory.mktemp("ranks"))
-    mp.spawn(_rank, args=(free_port(), out), nprocs=WORLD, join=True)
-    return out
+    for attempt in range(3):
+        try:
+            mp.spawn(_rank, args=(free_port(), out), nprocs=WORLD, join=True)
+            return out
+        except mp.ProcessExitedException as e:
+            # a rank killed by a signal before training ("terminate called without an active
+            # exception" in gloo's setup): about 1 spawn in 10 on this machine's torch 2.14, with
+            # this file as it was at 2c8f47f too; a new spawn on a new port, at most twice
+            if "signal" not in str(e) or attempt == 2:
+                raise
 
 
 @pytest.mark.parametrize("mode", MODES)
