@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from lorakern.benchmark.measure import saved_storages
 from lorakern.benchmark.timing import Stopwatch
 
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -102,20 +103,6 @@ def _rank_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def _saved_bytes(params) -> tuple[contextlib.AbstractContextManager, dict]:
-    """A context that records the storages autograd saves (parameters excluded), and the record."""
-    skip = {p.untyped_storage().data_ptr() for p in params}
-    seen: dict = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        if st.data_ptr() not in skip:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), seen
-
-
 def train(name: str, patched: bool, p: dict, args, device: torch.device, train_batches, eval_batches) -> Run:
     """One fine-tuning run; identical in every respect but ``patched``. Under torchrun: DDP, each
     process training on its share of every batch."""
@@ -157,7 +144,7 @@ def train(name: str, patched: bool, p: dict, args, device: torch.device, train_b
         bar = tqdm(train_batches, desc=f"{name:>10}", unit="step", dynamic_ncols=True, disable=rank != 0)
         for step, ids in enumerate(bar):
             ids = ids[rank::world].to(device)
-            hooks, seen = _saved_bytes(model.parameters()) if step == 0 else (contextlib.nullcontext(), {})
+            hooks, seen = saved_storages(model.parameters()) if step == 0 else (contextlib.nullcontext(), {})
             with Stopwatch(device) as clock:
                 with hooks, autocast():
                     loss = model(input_ids=ids, labels=ids).loss

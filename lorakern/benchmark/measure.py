@@ -12,6 +12,7 @@ replays, ``timing.graph_ms``); on CPU the group's items run interleaved (``timin
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from lorakern.benchmark.cases import BASE_VARIANT, Case, Shape, group_key
 from lorakern.benchmark.providers import Built, Inputs, Skip, build, make_inputs, set_bytes
 from lorakern.benchmark.records import add_ratios, to_record
 
-__all__ = ["Settings", "Item", "GRAPH_MAX_M", "prepare", "prepare_group", "time_items", "run"]
+__all__ = ["Settings", "Item", "GRAPH_MAX_M", "prepare", "prepare_group", "time_items", "run", "saved_storages"]
 
 GRAPH_MAX_M = 64  # decode sizes: launch and Python overhead would otherwise dominate
 
@@ -78,20 +79,35 @@ def _step(mode: str, built: Built, inp: Inputs) -> Callable[[], object]:
     return lambda: torch.autograd.grad(y, grads_of, g, retain_graph=True, allow_unused=True)
 
 
-def _saved_bytes(built: Built, inp: Inputs) -> int:
-    """Bytes of the tensors autograd saves in a forward that are not x, parameters or buffers."""
-    known = {t.untyped_storage().data_ptr() for t in built.frozen}
-    new: dict[int, int] = {}
+def saved_storages(exclude) -> tuple[contextlib.AbstractContextManager, dict]:
+    """A context in which autograd's saved tensors are recorded, and the record: {storage: bytes}
+    of every saved tensor's storage but those of ``exclude`` (parameters, buffers, inputs). Storages
+    are told apart by address within the one measurement (views of one storage count once).
 
-    def pack(t):
+    >>> ctx, seen = saved_storages([])
+    >>> with ctx:
+    ...     _ = (torch.ones(4, requires_grad=True) * 2).sin()
+    >>> sum(seen.values()) > 0
+    True
+    """
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        if storage.data_ptr() not in known:
-            new[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), seen
+
+
+def _saved_bytes(built: Built, inp: Inputs) -> int:
+    """Bytes of the tensors autograd saves in a forward that are not x, parameters or buffers."""
+    ctx, seen = saved_storages(built.frozen)
+    with ctx:
         built.fn(inp.x)
-    return sum(new.values())
+    return sum(seen.values())
 
 
 def _peak_mb(step: Callable[[], object], device: torch.device) -> float:
