@@ -5,7 +5,8 @@ Modules call ``lorakern.ops.lora_linear`` and know nothing of kernels.
 from __future__ import annotations
 
 import math
-from typing import Union
+import re
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -13,7 +14,23 @@ from torch import nn
 from lorakern.batch import AdapterBatch
 from lorakern.ops import lora_linear
 
-__all__ = ["LoRALinear", "AdapterBank"]
+__all__ = ["LoRALinear", "AdapterBank", "check_init_lora_weights"]
+
+_PISSA_NITER = re.compile(r"^pissa_niter_(\d+)$")
+
+
+def check_init_lora_weights(value: Union[bool, str]) -> Union[bool, str]:
+    """``value`` if it is one of PEFT's ``init_lora_weights`` that LoRALinear implements: True,
+    False, ``"gaussian"``, ``"pissa"``, ``"pissa_niter_[n]"``; else ValueError naming the argument.
+
+    >>> check_init_lora_weights("pissa_niter_4")
+    'pissa_niter_4'
+    """
+    if value is True or value is False or value in ("gaussian", "pissa") or (
+            isinstance(value, str) and _PISSA_NITER.match(value)):
+        return value
+    raise ValueError("init_lora_weights: expected True, False, 'gaussian', 'pissa' or 'pissa_niter_<n>', "
+                     f"got {value!r}")
 
 
 def _kaiming_uniform_(t: torch.Tensor) -> torch.Tensor:
@@ -68,14 +85,18 @@ class LoRALinear(nn.Module):
                 training (the mask is regenerated in backward, never stored); 0 in eval.
             use_rslora: ``s = lora_alpha / sqrt(r)`` (rsLoRA, arXiv 2312.03732; PEFT's ``use_rslora``).
             init_lora_weights: PEFT's values ``True`` (A kaiming-uniform with a = sqrt(5), B = 0:
-                the layer starts as the base), ``"gaussian"`` (A ~ N(0, 1/r), B = 0) or ``False``
-                (both random: for tests). PiSSA is ``lorakern.methods.LoRA(init_lora_weights="pissa")``.
+                the layer starts as the base), ``"gaussian"`` (A ~ N(0, 1/r), B = 0), ``False``
+                (both random: for tests), ``"pissa"`` (PiSSA, arXiv 2404.02948, as PEFT's
+                ``pissa_init``: A = S^1/2 V^T / sqrt(s), B = U S^1/2 / sqrt(s) from the top-r SVD
+                of W, which keeps the residual W - s B A; the output is unchanged) or
+                ``"pissa_niter_[n]"`` (the same from ``torch.svd_lowrank(W, q=r, niter=n)``, a
+                randomized SVD: seed torch for a repeatable start). PiSSA's SVD runs in float32.
             backend: the op's backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"triton"``, ``"cuda"``.
             device, dtype: of every parameter, as in ``nn.Linear``.
 
         Raises:
-            ValueError: ``r`` not an int >= 1, ``lora_dropout`` outside [0, 1), or an
-                ``init_lora_weights`` other than True, False, "gaussian".
+            ValueError: ``r`` not an int >= 1, ``lora_dropout`` outside [0, 1), an
+                ``init_lora_weights`` not listed above, or PiSSA with ``r > min(in, out)``.
 
         >>> round(LoRALinear(16, 8, bias=False, r=2, lora_alpha=4, use_rslora=True).scaling, 4)  # 4 / sqrt(2)
         2.8284
@@ -85,8 +106,7 @@ class LoRALinear(nn.Module):
             raise ValueError(f"r: expected an int >= 1, got {r!r}")
         if not (0.0 <= lora_dropout < 1.0):
             raise ValueError(f"lora_dropout: expected a float in [0, 1), got {lora_dropout!r}")
-        if init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(f"init_lora_weights: expected True, False or 'gaussian', got {init_lora_weights!r}")
+        check_init_lora_weights(init_lora_weights)
         kw = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw), requires_grad=False)
@@ -108,16 +128,42 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def reset_lora_parameters(self, init_lora_weights: Union[bool, str] = True) -> None:
-        """PEFT's init: A kaiming-uniform (a = sqrt 5), B = 0; "gaussian": A ~ N(0, 1/r)."""
+        """PEFT's init (see ``__init__``): True: A kaiming-uniform (a = sqrt 5), B = 0; "gaussian":
+        A ~ N(0, 1/r); "pissa" / "pissa_niter_[n]": the principal factors, the residual into
+        ``weight`` (in place: a shared weight changes too, as PEFT's does)."""
+        check_init_lora_weights(init_lora_weights)
         if init_lora_weights is False:
             _kaiming_uniform_(self.lora_A)
             _kaiming_uniform_(self.lora_B)
+            return
+        if isinstance(init_lora_weights, str) and init_lora_weights.startswith("pissa"):
+            niter = _PISSA_NITER.match(init_lora_weights)
+            self._pissa_(int(niter.group(1)) if niter else None)
             return
         if init_lora_weights == "gaussian":
             nn.init.normal_(self.lora_A, std=1 / self.r)
         else:
             _kaiming_uniform_(self.lora_A)
         nn.init.zeros_(self.lora_B)
+
+    def _pissa_(self, niter: Optional[int]) -> None:
+        """PiSSA in place: principal factors into A and B, the residual into the frozen weight
+        (``niter``: from ``torch.svd_lowrank`` with that many subspace iterations, else the full SVD)."""
+        if self.r > min(self.in_features, self.out_features):
+            raise ValueError(f"r: expected at most min(in_features, out_features) = "
+                             f"{min(self.in_features, self.out_features)} for PiSSA, got {self.r}")
+        W = self.weight.float()
+        if niter is None:
+            U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        else:
+            U, S, V = torch.svd_lowrank(W, q=self.r, niter=niter)
+            Vh = V.T
+        root = (S[: self.r] / self.scaling).sqrt()
+        A = root[:, None] * Vh[: self.r]
+        B = U[:, : self.r] * root
+        self.lora_A.copy_(A)
+        self.lora_B.copy_(B)
+        self.weight.copy_(W - self.scaling * (B @ A))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, r: int = 8, **kwargs) -> "LoRALinear":
@@ -136,8 +182,10 @@ class LoRALinear(nn.Module):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
         w = linear.weight
+        init = check_init_lora_weights(kwargs.pop("init_lora_weights", True))
         with torch.device("meta"):
-            layer = cls(linear.in_features, linear.out_features, linear.bias is not None, r=r, **kwargs)
+            layer = cls(linear.in_features, linear.out_features, linear.bias is not None, r=r,
+                        init_lora_weights=False, **kwargs)
         layer.weight = linear.weight
         layer.weight.requires_grad_(False)
         layer.bias = linear.bias
@@ -145,7 +193,7 @@ class LoRALinear(nn.Module):
             layer.bias.requires_grad_(False)
         layer.lora_A = nn.Parameter(torch.empty(r, linear.in_features, device=w.device, dtype=w.dtype))
         layer.lora_B = nn.Parameter(torch.empty(linear.out_features, r, device=w.device, dtype=w.dtype))
-        layer.reset_lora_parameters(kwargs.get("init_lora_weights", True))
+        layer.reset_lora_parameters(init)
         return layer
 
     def delta_weight(self) -> torch.Tensor:

@@ -336,6 +336,27 @@ def test_from_linear_shares_weight():
         lorakern.LoRALinear.from_linear(nn.Conv1d(2, 2, 1))
 
 
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4"])
+def test_loralinear_pissa_like_peft(init):
+    """PEFT's init_lora_weights="pissa" / "pissa_niter_[n]" on LoRALinear and from_linear: the output
+    is unchanged, A and B hold the principal factors (B A spans W's top-r singular subspace)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(24, 16)
+    x = torch.randn(5, 24)
+    y0 = lin(x).detach()
+    W0 = lin.weight.detach().clone()
+    layer = lorakern.LoRALinear.from_linear(lin, r=4, lora_alpha=8, init_lora_weights=init)
+    assert layer.weight is lin.weight
+    torch.testing.assert_close(layer(x), y0, rtol=1e-5, atol=1e-5)
+    top = torch.linalg.svdvals(W0)[:4]  # a randomized SVD (niter) approximates them on a flat spectrum
+    torch.testing.assert_close(torch.linalg.svdvals(layer.scaling * layer.lora_B @ layer.lora_A)[:4], top,
+                               rtol=1e-3 if init == "pissa" else 0.1, atol=1e-4)
+    direct = lorakern.LoRALinear(24, 16, r=4, init_lora_weights=init)
+    assert direct.lora_B.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"r: expected at most min\(in_features, out_features\) = 16"):
+        lorakern.LoRALinear(24, 16, r=20, init_lora_weights=init)
+
+
 def test_merge_unmerge_round_trip():
     layer = lorakern.LoRALinear(20, 12, r=4, lora_alpha=8)
     nn.init.normal_(layer.lora_B)
@@ -365,6 +386,8 @@ def test_loralinear_bad_args():
         lorakern.LoRALinear(4, 4, r=0)
     with pytest.raises(ValueError, match="lora_dropout"):
         lorakern.LoRALinear(4, 4, lora_dropout=1.5)
+    with pytest.raises(ValueError, match="init_lora_weights: expected True, False, 'gaussian', 'pissa'"):
+        lorakern.LoRALinear(4, 4, init_lora_weights="olora")
     assert "r=8" in repr(lorakern.LoRALinear(4, 4))
 
 

@@ -2,25 +2,28 @@
 initialization (arXiv 2404.02948) as options, as PEFT's ``LoraConfig`` has them."""
 from __future__ import annotations
 
-import re
 from typing import Optional, Union
 
-import torch
 from torch import nn
 
 from lorakern.methods.base import Method, TargetModules, check_float
-from lorakern.modules import LoRALinear
+from lorakern.modules import LoRALinear, check_init_lora_weights
 
 __all__ = ["LoRA"]
 
 _INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_<n>")
-_NITER = re.compile(r"^pissa_niter_(\d+)$")
 
 
 def _check_init(name: str, init: str) -> str:
-    if not isinstance(init, str) or not (init in _INITS[:3] or _NITER.match(init)):
-        raise ValueError(f"{name}: expected one of {_INITS} (or PEFT's True), got {init!r}")
-    return init
+    """``init`` if it names one of LoRALinear's initialisations ("kaiming" is PEFT's True)."""
+    if init == "kaiming":
+        return init
+    if isinstance(init, str):
+        try:
+            return check_init_lora_weights(init)
+        except ValueError:
+            pass
+    raise ValueError(f"{name}: expected one of {_INITS} (or PEFT's True), got {init!r}")
 
 
 class LoRA(Method):
@@ -64,32 +67,10 @@ class LoRA(Method):
         self.init = _check_init("init", init)
 
     def _make_layer(self, name: str, linear: nn.Linear) -> LoRALinear:
-        layer = self.layer_type.from_linear(
-            linear, r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-            use_rslora=self.use_rslora, init_lora_weights="gaussian" if self.init == "gaussian" else True,
-            backend=self.backend)
-        if self.init.startswith("pissa"):
-            niter = _NITER.match(self.init)
-            _pissa_(layer, name, int(niter.group(1)) if niter else None)
-        return layer
-
-
-@torch.no_grad()
-def _pissa_(layer: LoRALinear, name: str, niter: Optional[int]) -> None:
-    """PiSSA in place: principal factors into A and B, the residual into the frozen weight
-    (``niter``: from ``torch.svd_lowrank`` with that many subspace iterations, else the full SVD)."""
-    if layer.r > min(layer.in_features, layer.out_features):
-        raise ValueError(f"r: expected at most min(in, out) = {min(layer.in_features, layer.out_features)} "
-                         f"for init='pissa' on {name!r}, got {layer.r}")
-    W = layer.weight.float()
-    if niter is None:
-        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-    else:
-        U, S, V = torch.svd_lowrank(W, q=layer.r, niter=niter)
-        Vh = V.T
-    root = (S[: layer.r] / layer.scaling).sqrt()
-    A = root[:, None] * Vh[: layer.r]
-    B = U[:, : layer.r] * root
-    layer.lora_A.copy_(A)
-    layer.lora_B.copy_(B)
-    layer.weight.copy_(W - layer.scaling * (B @ A))
+        try:
+            return self.layer_type.from_linear(
+                linear, r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                use_rslora=self.use_rslora, init_lora_weights=True if self.init == "kaiming" else self.init,
+                backend=self.backend)
+        except ValueError as e:
+            raise ValueError(f"{e} (layer {name!r})") from e
