@@ -82,7 +82,8 @@ def _step(mode: str, built: Built, inp: Inputs) -> Callable[[], object]:
 def saved_storages(exclude) -> tuple[contextlib.AbstractContextManager, dict]:
     """A context in which autograd's saved tensors are recorded, and the record: {storage: bytes}
     of every saved tensor's storage but those of ``exclude`` (parameters, buffers, inputs). Storages
-    are told apart by address within the one measurement (views of one storage count once).
+    are told apart by their storage object (``_cdata``, the StorageImpl; the saved tensors keep it
+    alive) within the one measurement, so views of one storage count once.
 
     >>> ctx, seen = saved_storages([])
     >>> with ctx:
@@ -90,13 +91,13 @@ def saved_storages(exclude) -> tuple[contextlib.AbstractContextManager, dict]:
     >>> sum(seen.values()) > 0
     True
     """
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    skip = {t.untyped_storage()._cdata for t in exclude}
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        if storage.data_ptr() not in skip:
-            seen[storage.data_ptr()] = storage.nbytes()
+        if storage._cdata not in skip:
+            seen[storage._cdata] = storage.nbytes()
         return t
 
     return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), seen

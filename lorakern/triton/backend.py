@@ -112,11 +112,14 @@ def _tma_device(device: torch.device) -> bool:
 
 def _descriptors(*tiles: tuple[torch.Tensor, tuple[int, int]]) -> Optional[list]:
     """Tensor descriptors for (2-D tensor, (rows, cols) block) pairs, or None unless every tensor
-    has a contiguous last dimension, 16-byte aligned base and row stride, and no empty dimension."""
+    has a contiguous last dimension, a 16-byte aligned offset into its storage and row stride, and no
+    empty dimension. Storages from torch's allocators start 16-byte aligned (256 and more on CUDA);
+    triton's TensorDescriptor asserts the base address for one that does not."""
     if not _tma_device(tiles[0][0].device):
         return None
     for t, _ in tiles:
-        if t.stride(1) != 1 or t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16 or 0 in t.shape:
+        esize = t.element_size()
+        if t.stride(1) != 1 or (t.storage_offset() * esize) % 16 or (t.stride(0) * esize) % 16 or 0 in t.shape:
             return None
     from triton.tools.tensor_descriptor import TensorDescriptor
     return [TensorDescriptor(t, list(t.shape), [t.stride(0), 1], list(block)) for t, block in tiles]
