@@ -1,6 +1,7 @@
 // Row kernels of the CPU extension: the dropout keep-mask of one row of x as bits, and the
-// passes that apply those bits to a row. One table of them per instruction set (rows_generic.cpp,
-// rows_avx2.cpp, rows_avx512.cpp); ops.cpp picks the best the CPU runs, once.
+// passes that apply those bits to a row. One table of them per instruction set (rows_generic.cpp;
+// rows_avx2.cpp and rows_avx512.cpp, both rows_vec.h's template); ops.cpp picks the best the CPU
+// runs, once.
 //
 // The stream is the one of ARCHITECTURE.md (csrc/philox.h is its scalar form): element (row, col)
 // of x [M, K] is kept iff U(word col % 4 of Philox-4x32-10 at counter row * ceil(K / 4) + col / 4)
