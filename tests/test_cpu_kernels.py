@@ -4,7 +4,7 @@ The keep-mask bit for bit against the pure-torch Philox of test_cuda.py (seeds a
 2**32, K not a multiple of 4, p = 0) and, in the ``interpret`` tier, against the triton backend's
 masks; each kernel against a float64 computation with that mask (fp32 and bf16, M = 1, primes,
 strided and transposed x, row subsets, several row blocks and threads); masked_At bitwise
-repeatable; the errors that name the argument; no compiler -> unavailable with a one-line reason.
+repeatable, and masked_At_add_ bitwise masked_At plus add_masked_; the errors that name the argument; no compiler -> unavailable with a one-line reason.
 """
 from __future__ import annotations
 
@@ -208,6 +208,21 @@ def test_masked_At(ops, isa, gen, dtype, layout, rows_kind, p):
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("dtype,layout,rows_kind", CASES, ids=[_case_id(c) for c in CASES])
+def test_masked_At_add(ops, isa, gen, dtype, layout, rows_kind, p):
+    """masked_At_add_ (one pass, each row's mask made once): masked_At's dA and add_masked_'s dx, bit for bit."""
+    for M, K, Ra, seed, x, A, rows in _draws(gen, dtype, layout, rows_kind):
+        m = M if rows is None else len(rows)
+        dq = randn(gen, m, Ra)
+        dx = _x(gen, M, K, dtype, layout)
+        want = torch.empty_strided(dx.shape, dx.stride(), dtype=dtype).copy_(dx)  # dx's layout: the same row passes
+        ops.add_masked_(want, dq, A, rows, p, seed)
+        dA = ops.masked_At_add_(dx, dq, x, A, rows, p, seed)
+        assert torch.equal(dA, ops.masked_At(dq, x, rows, p, seed)), (M, K, Ra)
+        assert torch.equal(dx, want), (M, K, Ra)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("dtype,layout", [(dt, lay) for dt in (torch.float32, torch.bfloat16)
                                           for lay in ("contiguous", "transposed", "columns")])
 def test_dropout(ops, isa, gen, dtype, layout, p):
@@ -302,6 +317,11 @@ def test_errors_name_the_argument(ops, gen):
         (lambda: ops.add_masked_(x.clone(), dq[:4], A, None, 0.1, 1), r"dq: expected shape \[5, 3\], got \[4, 3\]"),
         (lambda: ops.add_masked_(x.clone(), dq.double(), A, None, 0.1, 1), "dq: expected dtype float32, got Double"),
         (lambda: ops.masked_At(dq, x, torch.tensor([0, 1]), 0.1, 1), r"dq: expected shape \[2, Ra\], got \[5, 3\]"),
+        (lambda: ops.masked_At_add_(x[:4].clone(), dq, x, A, None, 0.1, 1),
+         r"dx: expected shape \[5, 13\] \(that of x\), got \[4, 13\]"),
+        (lambda: ops.masked_At_add_(x.clone(), dq[:3], x, A, torch.tensor([1, 2, 1]), 0.1, 1),
+         "rows: expected distinct rows"),
+        (lambda: ops.masked_At_add_(x.clone(), dq[:, :2], x, A, None, 0.1, 1), r"dq: expected shape \[5, 3\], got \[5, 2\]"),
         (lambda: ops.add_masked_(x.bfloat16(), dq, A.half(), None, 0.1, 1),
          r"A: expected dtype BFloat16 \(that of dx\) or float32, got Half"),
     ]

@@ -5,6 +5,7 @@
 //   shrink(x, A, rows, p, seed) -> q          q [m, Ra] f32 = x~[rows] A^T
 //   add_masked_(dx, dq, A, rows, p, seed)     dx[rows] += (dq A) * keep / (1 - p), in place
 //   masked_At(dq, x, rows, p, seed) -> dA     dA [Ra, K] f32 = dq^T x~[rows]
+//   masked_At_add_(dx, dq, x, A, rows, p, seed) -> dA   both of the above in one pass (dx [M, K] like x)
 //   dropout(x, p, seed) -> x~                 x~ [M, K] in x's dtype, contiguous (M x K written)
 //   dropout_keep(seed, M, K, p) -> keep       bool [M, K]: keep[r, k] = U > p (for tests)
 //   isa(name="") -> str, isas() -> str[]      the row kernels' instruction set: read, or force one
@@ -14,10 +15,11 @@
 // row i). The keep decision of a row always comes from its own row number in x, so a caller may
 // split a batch into row groups (one per adapter) and call once per group. p = 0 means no dropout.
 //
-// shrink, add_masked_ and masked_At stream over row blocks of `bm` rows (block_rows: 256 KB of
-// f32, in L2), the blocks split over at::parallel_for's threads. Per worker: one f32 buffer
-// [bm, K] and one row's keep bits (rows.h). The rank-Ra products run in BLAS (at::mm_out /
-// at::addmm_out) on a block at a time. dropout and dropout_keep go row by row.
+// shrink, add_masked_, masked_At and masked_At_add_ stream over row blocks of `bm` rows
+// (block_rows: 256 KB of f32, in L2), the blocks split over at::parallel_for's threads. Per
+// worker: one f32 buffer [bm, K] and the keep bits (rows.h) of a block's rows. The rank-Ra
+// products run in BLAS (at::mm_out / at::addmm_out) on a block at a time. dropout and
+// dropout_keep go row by row.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -116,29 +118,33 @@ Stream make_stream(int64_t seed, double p, int64_t K) {
   return s;
 }
 
-// A worker's view of the keep-mask: a row's bits, all ones without dropout.
+// A worker's view of the keep-mask: the keep bits of up to `slots` rows (all ones without dropout).
 struct Keep {
   const Isa* isa;
   const Stream* stream;  // null: no dropout
+  int64_t words;
   std::vector<uint32_t> bits;
 
-  Keep(const Isa* isa, const Stream* stream, int64_t K)
-      : isa(isa), stream(stream), bits((size_t)bit_words(K), stream ? 0u : ~0u) {}
-  const uint32_t* row(int64_t r) {
-    if (stream) isa->keep_bits(*stream, r, bits.data());
-    return bits.data();
+  Keep(const Isa* isa, const Stream* stream, int64_t K, int64_t slots)
+      : isa(isa), stream(stream), words(bit_words(K)), bits((size_t)(words * slots), stream ? 0u : ~0u) {}
+  // Row r's bits, made into `slot` (where they stay until the slot is made again).
+  const uint32_t* row(int64_t r, int64_t slot) {
+    uint32_t* b = bits.data() + slot * words;
+    if (stream) isa->keep_bits(*stream, r, b);
+    return b;
   }
+  const uint32_t* made(int64_t slot) const { return bits.data() + slot * words; }
 };
 
 // Runs body(keep, buf, i0, n) over the blocks of block_rows(K) rows of [0, m) (rows i0 .. i0 + n),
 // the blocks split over at::parallel_for's threads; each worker has its own Keep (the mask's
-// stream, or none) and one f32 buffer [bm, K].
+// stream, or none, with a slot per row of a block) and one f32 buffer [bm, K].
 template <typename Body>
 void for_row_blocks(int64_t m, int64_t K, const Isa* isa, const Stream* stream, Body&& body) {
   const int64_t bm = block_rows(K), nb = (m + bm - 1) / bm;
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     const at::NoGradGuard no_grad;  // grad mode is per thread: on in a fresh worker
-    Keep keep(isa, stream, K);
+    Keep keep(isa, stream, K, bm);
     Tensor buf = at::empty({bm, K}, at::TensorOptions().dtype(at::kFloat));
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t i0 = b * bm;
@@ -203,7 +209,7 @@ Rows make_rows(const c10::optional<Tensor>& rows, int64_t M, bool distinct) {
     std::vector<int64_t> sorted(out.idx, out.idx + out.m);
     std::sort(sorted.begin(), sorted.end());
     const auto twice = std::adjacent_find(sorted.begin(), sorted.end());
-    TORCH_CHECK(twice == sorted.end(), "rows: expected distinct rows (add_masked_ writes them), got ", *twice,
+    TORCH_CHECK(twice == sorted.end(), "rows: expected distinct rows (dx is written there), got ", *twice,
                 " twice");
   }
   return out;
@@ -242,13 +248,14 @@ void add_row(const Tensor& dx, int64_t r, float* v, float scale, const uint32_t*
   }
 }
 
-// x~[rows[i0 .. i0 + n)] into buf [n, K], times the keep bits (the 1 / (1 - p) is the caller's).
+// x~[rows[i0 .. i0 + n)] into buf [n, K], times the keep bits (the 1 / (1 - p) is the caller's);
+// row i0 + i's bits stay in keep's slot i.
 void load_block(const Tensor& x, const Rows& rows, int64_t i0, int64_t n, Keep& keep, Tensor& buf) {
   const int64_t K = x.size(1);
   float* b = buf.data_ptr<float>();
   for (int64_t i = 0; i < n; ++i) {
     const int64_t r = rows[i0 + i];
-    load_row(x, r, keep.row(r), b + i * K, keep.isa);
+    load_row(x, r, keep.row(r, i), b + i * K, keep.isa);
   }
 }
 
@@ -301,24 +308,35 @@ void add_masked_(const Tensor& dx, const Tensor& dq, const Tensor& A, const c10:
     float* v = buf.data_ptr<float>();
     for (int64_t i = 0; i < n; ++i) {
       const int64_t r = rs[i0 + i];
-      add_row(dx, r, v + i * K, scale, keep.row(r), isa);
+      add_row(dx, r, v + i * K, scale, keep.row(r, i), isa);
     }
   });
 }
 
-// masked_At: dA = dq^T x~[rows]. The blocks are split into T = min(threads, blocks) contiguous
-// chunks fixed by (m, T); chunk c sums its blocks in order (masked rows into the buffer, then one
-// BLAS call dA_c += dq[block]^T buf, 1 / (1 - p) as its alpha) into its own [Ra, K] partial
-// (chunk 0 into the output), and the partials are added in chunk order: bitwise the same result
-// on every run with the same thread count.
-Tensor masked_At(const Tensor& dq, const Tensor& x, const c10::optional<Tensor>& rows, double p, int64_t seed) {
+// masked_At (dx undefined): dA = dq^T x~[rows]; masked_At_add_ also dx[rows] += (dq A) * keep / (1 - p)
+// in the same pass (each row's keep bits made once). The blocks are split into T = min(threads,
+// blocks) contiguous chunks fixed by (m, T); chunk c sums its blocks in order into its own [Ra, K]
+// partial (chunk 0 into the output), and the partials are added in chunk order: bitwise the same
+// dA on every run with the same thread count. Per block of bm rows: the masked rows into the
+// worker's f32 buffer (their bits kept in the worker's slots), one BLAS call dA_c += dq[block]^T buf
+// (1 / (1 - p) as its alpha); with dx, then buf = dq[block] A (BLAS) and per row a masked
+// multiply-add into dx's row from the kept bits. Rows are distinct when dx is written (checked).
+Tensor masked_grads(const Tensor& dq, const Tensor& x, const c10::optional<Tensor>& rows, double p, int64_t seed,
+                    const Tensor& dx, const Tensor& A) {
   check_x(x, "x");
   check_dropout(p, seed);
+  const bool add = dx.defined();
   const int64_t M = x.size(0), K = x.size(1);
-  const Rows rs = make_rows(rows, M, false);
+  if (add) {
+    check_x(dx, "dx");
+    TORCH_CHECK(dx.sizes() == x.sizes(), "dx: expected shape ", x.sizes(), " (that of x), got ", dx.sizes());
+  }
+  const Rows rs = make_rows(rows, M, add);
   const int64_t m = rs.m;
   check_dq(dq, m, -1);
   const int64_t Ra = dq.size(1);
+  const Tensor a = add ? adapter_f32(A, x, K, "x", 1.0) : Tensor();
+  if (add) check_dq(dq, m, a.size(0));
   Tensor out = at::empty({Ra, K}, dq.options());
   if (m == 0 || K == 0 || Ra == 0) return out.zero_();
   const Stream s = make_stream(seed, p, K);
@@ -330,20 +348,34 @@ Tensor masked_At(const Tensor& dq, const Tensor& x, const c10::optional<Tensor>&
   Tensor partial = at::empty({chunks - 1, Ra, K}, out.options());
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     const at::NoGradGuard no_grad;  // grad mode is per thread: on in a fresh worker
-    Keep keep(isa, p > 0 ? &s : nullptr, K);
+    Keep keep(isa, p > 0 ? &s : nullptr, K, bm);
     Tensor buf = at::empty({bm, K}, out.options());
     for (int64_t c = c0; c < c1; ++c) {
       Tensor acc = c == 0 ? out : partial[c - 1];
       for (int64_t b = nb * c / chunks; b < nb * (c + 1) / chunks; ++b) {
         const int64_t i0 = b * bm, n = std::min(bm, m - i0);
+        Tensor bn = buf.narrow(0, 0, n);
         load_block(x, rs, i0, n, keep, buf);
-        at::addmm_out(acc, acc, dT.narrow(1, i0, n), buf.narrow(0, 0, n), b == nb * c / chunks ? 0.0 : 1.0,
-                      alpha);
+        at::addmm_out(acc, acc, dT.narrow(1, i0, n), bn, b == nb * c / chunks ? 0.0 : 1.0, alpha);
+        if (!add) continue;
+        at::mm_out(bn, dq.narrow(0, i0, n), a);
+        float* v = buf.data_ptr<float>();
+        for (int64_t i = 0; i < n; ++i) add_row(dx, rs[i0 + i], v + i * K, (float)alpha, keep.made(i), isa);
       }
     }
   });
   for (int64_t c = 1; c < chunks; ++c) out.add_(partial[c - 1]);
   return out;
+}
+
+Tensor masked_At(const Tensor& dq, const Tensor& x, const c10::optional<Tensor>& rows, double p, int64_t seed) {
+  return masked_grads(dq, x, rows, p, seed, Tensor(), Tensor());
+}
+
+Tensor masked_At_add_(const Tensor& dx, const Tensor& dq, const Tensor& x, const Tensor& A,
+                      const c10::optional<Tensor>& rows, double p, int64_t seed) {
+  TORCH_CHECK(dx.defined(), "dx: expected a tensor");
+  return masked_grads(dq, x, rows, p, seed, dx, A);
 }
 
 // dropout: x~ = x * keep / (1 - p), a new contiguous tensor in x's dtype (for callers that hand a
@@ -361,16 +393,16 @@ Tensor dropout(const Tensor& x, double p, int64_t seed) {
   const float inv = (float)(1.0 / (1.0 - p));
   const bool f32 = x.scalar_type() == at::kFloat;
   at::parallel_for(0, M, block_rows(K), [&](int64_t r0, int64_t r1) {
-    Keep keep(isa, p > 0 ? &s : nullptr, K);
+    Keep keep(isa, p > 0 ? &s : nullptr, K, 1);
     std::vector<float> row(f32 ? 0 : (size_t)K);
     for (int64_t r = r0; r < r1; ++r) {
       if (f32) {
         float* o = out.data_ptr<float>() + r * K;
-        load_row(x, r, keep.row(r), o, isa);
+        load_row(x, r, keep.row(r, 0), o, isa);
         for (int64_t k = 0; k < K; ++k) o[k] *= inv;
       } else {
         uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) + r * K;
-        load_row(x, r, keep.row(r), row.data(), isa);
+        load_row(x, r, keep.row(r, 0), row.data(), isa);
         for (int64_t k = 0; k < K; ++k) o[k] = f32_to_bf16(row[k] * inv);
       }
     }
@@ -387,9 +419,9 @@ Tensor dropout_keep(int64_t seed, int64_t M, int64_t K, double p) {
   const Isa* isa = current_isa().load();
   bool* o = out.data_ptr<bool>();
   at::parallel_for(0, M, block_rows(K), [&](int64_t r0, int64_t r1) {
-    Keep keep(isa, &s, K);
+    Keep keep(isa, &s, K, 1);
     for (int64_t r = r0; r < r1; ++r) {
-      const uint32_t* bits = keep.row(r);
+      const uint32_t* bits = keep.row(r, 0);
       for (int64_t k = 0; k < K; ++k) o[r * K + k] = kept(bits, k);
     }
   });
@@ -404,6 +436,7 @@ TORCH_LIBRARY(lorakern_cpu, m) {
   m.def("shrink(Tensor x, Tensor A, Tensor? rows, float p, int seed) -> Tensor");
   m.def("add_masked_(Tensor(a!) dx, Tensor dq, Tensor A, Tensor? rows, float p, int seed) -> ()");
   m.def("masked_At(Tensor dq, Tensor x, Tensor? rows, float p, int seed) -> Tensor");
+  m.def("masked_At_add_(Tensor(a!) dx, Tensor dq, Tensor x, Tensor A, Tensor? rows, float p, int seed) -> Tensor");
   m.def("dropout(Tensor x, float p, int seed) -> Tensor");
   m.def("dropout_keep(int seed, int M, int K, float p) -> Tensor", &lorakern::cpu::dropout_keep);
   m.def("isa(str name='') -> str", &lorakern::cpu::select_isa);
@@ -416,5 +449,6 @@ TORCH_LIBRARY_IMPL(lorakern_cpu, CompositeExplicitAutograd, m) {
   m.impl("shrink", &lorakern::cpu::shrink);
   m.impl("add_masked_", &lorakern::cpu::add_masked_);
   m.impl("masked_At", &lorakern::cpu::masked_At);
+  m.impl("masked_At_add_", &lorakern::cpu::masked_At_add_);
   m.impl("dropout", &lorakern::cpu::dropout);
 }
