@@ -4,13 +4,17 @@
 Forward: the base GEMM into y, then the rank-r update added in place (``addmm_``). Backward: the
 dx GEMM, then each adapter's dx term added in place. No M x N temporary beyond y and dx. Every
 sum has a fixed order (``index_add_`` only ever adds one row into each element), so the result is
-deterministic whatever ``Problem.deterministic`` says. The two masked passes come from the
-backend as a :class:`MaskedPasses`:
+deterministic whatever ``Problem.deterministic`` says. The passes that read x through the dropout
+keep-mask come from the backend as a :class:`MaskedPasses`:
 
-- ``kept(x, p, seed) -> (x~, keep, inv)``: the dropped input (x * keep, or x * keep / (1 - p) with
-  inv = 1), the mask handle ``add_dx`` takes (None without dropout), and the factor applied on
-  the small [M, Ra] side;
-- ``add_dx(dx, dq, A, keep, rows)``: dx[rows] += (dq A) * keep, in place.
+- ``kept(x, p, seed) -> (xk, keep, inv)``: the dropped input as the other two passes read it (the
+  tensor x * keep, or x * keep / (1 - p) with inv = 1, or x itself for passes that apply the mask
+  as they read), the mask handle (None without dropout), and the factor applied on the small
+  [M, Ra] side;
+- ``shrink(xk, keep, A, rows) -> q``: xk[rows] A^T, [m, Ra] in ``qdtype(x)`` (``aten_shrink``: a GEMM);
+- ``x_grads(dx, dq, A, xk, keep, rows, need_dA) -> dA``: dx[rows] += (dq A) * keep in place (dx
+  not None), and dA = dq^T xk[rows] [Ra, K] in A's dtype or float32 when ``need_dA`` (else None)
+  (``aten_x_grads``: two GEMMs, the masked add by ``add_adapter_dx``).
 
 >>> import torch
 >>> from lorakern.backends import composed
@@ -24,18 +28,39 @@ import torch
 
 from lorakern.backends.interface import Grads, Needs, Operands, Problem, base_scale_grad, qdtype
 
-__all__ = ["MaskedPasses", "forward", "add_update", "backward", "add_adapter_dx"]
-
-
-class MaskedPasses(NamedTuple):
-    """The passes that read or regenerate the dropout keep-mask (see the module docstring)."""
-    kept: Callable
-    add_dx: Callable
+__all__ = ["MaskedPasses", "forward", "add_update", "backward", "add_adapter_dx", "aten_shrink", "aten_x_grads"]
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t`` in ``dtype``, without a dispatch when it already is (a no-op ``.to`` costs microseconds)."""
     return t if t.dtype == dtype else t.to(dtype)
+
+
+def aten_shrink(xk: torch.Tensor, keep, A: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
+    """q = xk[rows] A^T (all rows when ``rows`` is None): xk [M, K] the dropped input as a tensor,
+    A [Ra, K]; [m, Ra] in ``qdtype(xk)``, the GEMM in A's dtype. ``keep`` is not read (xk has it)."""
+    xr = xk if rows is None else xk[rows]
+    return _as(torch.mm(_as(xr, A.dtype), A.T), qdtype(xk))
+
+
+def aten_x_grads(dx: Optional[torch.Tensor], dqk: torch.Tensor, A: torch.Tensor, xk: torch.Tensor, keep,
+                 rows: Optional[torch.Tensor], need_dA: bool) -> Optional[torch.Tensor]:
+    """dx[rows] += (dqk A) * keep in place (when dx is given: ``add_adapter_dx``); returns
+    dA = dqk^T xk[rows], [Ra, K] in A's dtype, when ``need_dA`` (else None). dqk [m, Ra]."""
+    if dx is not None:
+        add_adapter_dx(dx, dqk, A, keep, rows)
+    if not need_dA:
+        return None
+    xr = xk if rows is None else xk[rows]
+    return torch.mm(_as(dqk.T, A.dtype), _as(xr, A.dtype))
+
+
+class MaskedPasses(NamedTuple):
+    """The passes that read x through the dropout keep-mask (see the module docstring); the
+    products default to the aten ones."""
+    kept: Callable
+    shrink: Callable = aten_shrink
+    x_grads: Callable = aten_x_grads
 
 
 def _pick_ranks(A, B, rank_scale, rank_idx):
@@ -79,6 +104,11 @@ def _groups(op: Operands, G: int):
         start += n
 
 
+def _scaled(q: torch.Tensor, inv: float) -> torch.Tensor:
+    """q * inv in place (no dispatch for inv = 1)."""
+    return q if inv == 1.0 else q.mul_(inv)
+
+
 def _base(x, weight, bias, base_scale):
     """c * (x W^T) + b, a fresh tensor. With c, in PEFT's DoRA order, ``y + (c - 1) * (y - b)`` for
     ``y = x W^T + b``, so that c = 1 (DoRA right after initialisation) gives F.linear's bits."""
@@ -99,10 +129,10 @@ def add_update(pb: Problem, op: Operands, y: torch.Tensor, passes: MaskedPasses)
     """y [M, N] += the rank-r update, in place; returns q [M, Ra]. ``op.weight`` and ``op.bias``
     are not read (``lorakern.update`` hands the output of a base layer the op cannot compute)."""
     x = op.x
-    xk, _, inv = passes.kept(x, pb.dropout_p, pb.seed)
+    xk, keep, inv = passes.kept(x, pb.dropout_p, pb.seed)
     A, B, u = _pick_ranks(op.lora_A, op.lora_B, op.rank_scale, op.rank_idx)
     if not pb.banked:
-        q = _as(torch.mm(_as(xk, A.dtype), A.T), qdtype(x)).mul_(inv)
+        q = _scaled(passes.shrink(xk, keep, A, None), inv)
         Bv = B if op.out_scale is None else B * op.out_scale[:, None]
         t = q * _rank_factor(pb.scaling, u)
         if Bv.dtype == y.dtype:
@@ -113,7 +143,7 @@ def add_update(pb: Problem, op: Operands, y: torch.Tensor, passes: MaskedPasses)
     q = torch.zeros(x.shape[0], A.shape[-2], device=x.device, dtype=qdtype(x))
     for g, rows in _groups(op, pb.G):
         s, ug, vg = _adapter_args(g, pb.scaling, op.scaling_g, u, op.out_scale)
-        qg = torch.mm(_as(xk[rows], A.dtype), A[g].T).to(q.dtype).mul_(inv)
+        qg = _scaled(passes.shrink(xk, keep, A[g], rows), inv)
         q[rows] = qg
         Bv = _as(B[g], q.dtype) if vg is None else _as(B[g], q.dtype) * _as(vg, q.dtype)[:, None]
         # the update in q's dtype, rounded once to y's when added (half-precision adapters too)
@@ -121,12 +151,14 @@ def add_update(pb: Problem, op: Operands, y: torch.Tensor, passes: MaskedPasses)
     return q
 
 
-def _adapter_grads(g, xk, q, A, B, s, u, v, inv, needs: Needs):
-    """Gradients of one adapter over its rows: (dq / (1-p), dA, dB, du, dv) over the active ranks.
+def _adapter_grads(g, q, A, B, s, u, v, inv, needs: Needs):
+    """Gradients of one adapter over its rows: (dq * inv, dB, du, dv) over the active ranks (dA and
+    dx's term are ``MaskedPasses.x_grads``' from dq * inv).
 
-    ``xk`` is x times the keep-mask, unscaled; ``inv`` = 1 / (1 - p) is folded into dq instead.
-    dt = g (v B) is computed only for what needs it (dx, dA, du). The products run in the adapters'
-    dtype ``A.dtype`` (x's, or fp32 beside a half-precision x, as PEFT's fp32 branch computes them).
+    ``inv`` is the factor ``kept`` left to the small side (1 / (1 - p) when xk is x times the mask,
+    unscaled). dt = g (v B) is computed only for what needs it (dx, dA, du). The products run in the
+    adapters' dtype ``A.dtype`` (x's, or fp32 beside a half-precision x, as PEFT's fp32 branch
+    computes them).
     """
     wide = A.dtype
     f = _rank_factor(s, u)
@@ -136,7 +168,6 @@ def _adapter_grads(g, xk, q, A, B, s, u, v, inv, needs: Needs):
         Bv = B if v is None else B * v[:, None]
         dt = _as(torch.mm(_as(g, wide), _as(Bv, wide)), q.dtype)
         dqk = dt * (f * inv)
-    dA = torch.mm(_as(dqk.T, wide), _as(xk, wide)) if needs.lora_A else None
     dB = dv = None
     if needs.lora_B or needs.out_scale:
         P = _as(torch.mm(_as(t.T, wide), _as(g, wide)).T, q.dtype)  # g^T t, [N, Ra]: serves dB and dv
@@ -145,7 +176,7 @@ def _adapter_grads(g, xk, q, A, B, s, u, v, inv, needs: Needs):
         if needs.out_scale:
             dv = (P * _as(B, P.dtype)).sum(1)
     du = (dt * q).sum(0) * s if needs.rank_scale else None
-    return dqk, dA, dB, du, dv
+    return dqk, dB, du, dv
 
 
 def add_adapter_dx(dx, dqk, A, keep, rows) -> None:
@@ -179,13 +210,12 @@ def backward(pb: Problem, op: Operands, grad_y: torch.Tensor, q: torch.Tensor, n
     if needs.x:
         dx = torch.mm(gc, weight) if weight is not None else torch.zeros(x.shape, dtype=x.dtype, device=x.device)
     if not pb.banked and op.rank_idx is None:  # one adapter, every rank: its gradients as they come
-        dqk, dA, dB, du, dv = _adapter_grads(g, xk, q, A, B, pb.scaling, u, op.out_scale, inv, needs)
-        if dx is not None:
-            passes.add_dx(dx, dqk, A, keep, None)
+        dqk, dB, du, dv = _adapter_grads(g, q, A, B, pb.scaling, u, op.out_scale, inv, needs)
+        dA = passes.x_grads(dx, dqk, A, xk, keep, None, needs.lora_A) if dqk is not None else None
         dA = _as(dA, op.lora_A.dtype).contiguous() if dA is not None else None
         dB = _as(dB, op.lora_B.dtype).contiguous() if dB is not None else None
     else:
-        dA, dB, du, dv = _scattered_adapter_grads(pb, op, g, xk, keep, q, A, B, u, inv, dx, needs, passes.add_dx)
+        dA, dB, du, dv = _scattered_adapter_grads(pb, op, g, xk, keep, q, A, B, u, inv, dx, needs, passes.x_grads)
     dW = torch.mm(gc.T, x) if needs.weight else None
     db = g.sum(0) if needs.bias else None
     du = _as(du, op.rank_scale.dtype) if du is not None else None
@@ -194,7 +224,7 @@ def backward(pb: Problem, op: Operands, grad_y: torch.Tensor, q: torch.Tensor, n
 
 
 def _scattered_adapter_grads(pb: Problem, op: Operands, g, xk, keep, q, A, B, u, inv, dx,
-                             needs: Needs, add_dx: Callable):
+                             needs: Needs, x_grads: Callable):
     """(dA, dB, du, dv) in the parameters' shapes, with the active ranks' gradients of each adapter
     (over its rows) scattered in; dx gets each adapter's term added in place."""
     def zeros(t: Optional[torch.Tensor], n: bool, dt=None):
@@ -209,7 +239,8 @@ def _scattered_adapter_grads(pb: Problem, op: Operands, g, xk, keep, q, A, B, u,
         s, ug, vg = _adapter_args(gi, pb.scaling, op.scaling_g, u, op.out_scale)
         Ag, Bg = (A, B) if gi is None else (A[gi], B[gi])
         sub = (lambda t: t) if rows is None else (lambda t: t[rows])  # noqa: E731
-        dqk, dAg, dBg, dug, dvg = _adapter_grads(sub(g), sub(xk), sub(q), Ag, Bg, s, ug, vg, inv, needs)
+        dqk, dBg, dug, dvg = _adapter_grads(sub(g), sub(q), Ag, Bg, s, ug, vg, inv, needs)
+        dAg = x_grads(dx, dqk, Ag, xk, keep, rows, needs.lora_A) if dqk is not None else None
         at = lambda t: t if gi is None else t[gi]  # noqa: E731
         if dAg is not None:
             at(dA).index_copy_(0, ridx, _as(dAg, dA.dtype))
@@ -219,8 +250,6 @@ def _scattered_adapter_grads(pb: Problem, op: Operands, g, xk, keep, q, A, B, u,
             (du if du.dim() == 1 else du[gi]).index_add_(0, ridx, dug)
         if dvg is not None:
             (dv if dv.dim() == 1 else dv[gi]).add_(dvg)
-        if dx is not None:
-            add_dx(dx, dqk, Ag, keep, rows)
 
     if not pb.banked:
         one(None, None)

@@ -1,17 +1,20 @@
 """The ``cpu`` backend: the op composed from aten ops (``composed.py``) with its masked passes native (csrc/cpu/).
 
-Everything that is not a masked pass is ``composed``'s code, called with two native passes:
+Everything that is not a masked pass is ``composed``'s code. With dropout, x~ = x * keep / (1 - p)
+is never written: ``kept`` hands the other passes x itself and the mask's (p, seed), and each
+pass regenerates the Philox keep-mask of ARCHITECTURE.md in SIMD lanes as it reads x (about 0.5
+ns an element on one AVX-512 core, where the torch backend's ``torch.rand`` + ``torch.where``
+cost ~5 + 1), row block by row block, the rank-r products in BLAS:
 
-- ``kept``: the dropped input x~ = x * keep / (1 - p) in one pass (``lorakern_cpu.dropout``: the
-  Philox keep-mask of ARCHITECTURE.md made in SIMD lanes, about 0.5 ns an element on one AVX-512
-  core, where the torch backend's ``torch.rand`` + ``torch.where`` cost ~5 + 1); its 1 / (1 - p)
-  is folded into x~, so the factor composed applies on the [M, Ra] side is 1;
-- ``add_dx``: dx[rows] += (dq A) * keep / (1 - p) in place (``lorakern_cpu.add_masked_``), the
-  mask regenerated row by row, never stored.
+- ``shrink``: q = x~[rows] A^T in one pass over x (``lorakern_cpu.shrink``);
+- ``x_grads``: dA = dq^T x~[rows] and dx[rows] += (dq A) * keep / (1 - p) in one pass over x and
+  dx, each row's mask made once (``lorakern_cpu.masked_At_add_``; ``masked_At`` / ``add_masked_``
+  when only one of them is needed).
 
-Without dropout both are the plain ones (no mask at all), so the backend computes exactly what
-the torch backend does. fp32 and bf16 on the CPU (``runs_on``), where the CPU has AVX2 or AVX-512;
-the torch backend covers the rest.
+The 1 / (1 - p) is applied inside the passes, so the factor composed applies on the [M, Ra] side
+is 1. Without dropout the passes are composed's aten ones (no mask at all), so the backend
+computes exactly what the torch backend does. fp32 and bf16 on the CPU (``runs_on``), where the
+CPU has AVX2 or AVX-512; the torch backend covers the rest.
 
 >>> from lorakern.backends import cpu
 >>> cpu.available()                      # doctest: +SKIP
@@ -52,28 +55,41 @@ def dropout_keep(seed: int, M: int, K: int, p: float, device) -> torch.Tensor:
 
 
 class _Stream(NamedTuple):
-    """What ``kept`` hands ``add_dx`` in place of a keep tensor: the mask's (p, seed)."""
+    """What ``kept`` hands the passes in place of a keep tensor: the mask's (p, seed)."""
     p: float
     seed: int
 
 
 def kept(x: torch.Tensor, p: float, seed: int):
-    """(x~, the mask's stream, 1.0), x~ = x * keep / (1 - p) made natively."""
+    """(x, the mask's stream, 1.0): the passes read x through the mask; (x, None, 1.0) without dropout."""
     if p == 0.0:
         return x, None, 1.0
-    return cpu_ext.ops().dropout(x, p, seed), _Stream(p, seed), 1.0
+    return x, _Stream(p, seed), 1.0
 
 
-def add_dx(dx: torch.Tensor, dqk: torch.Tensor, A: torch.Tensor, keep: Optional[_Stream],
-           rows: Optional[torch.Tensor]) -> None:
-    """dx[rows] += (dqk A) * keep / (1 - p), in place (the plain add without dropout)."""
+def shrink(x: torch.Tensor, keep: Optional[_Stream], A: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
+    """q = x~[rows] A^T, float32 [m, Ra] (x [M, K] f32 / bf16, A [Ra, K] x's dtype or f32), x~ never written."""
     if keep is None:
-        composed.add_adapter_dx(dx, dqk, A, None, rows)
-    else:
-        cpu_ext.ops().add_masked_(dx, dqk, A, rows, keep.p, keep.seed)
+        return composed.aten_shrink(x, None, A, rows)
+    return cpu_ext.ops().shrink(x, A, rows, keep.p, keep.seed)
 
 
-PASSES = composed.MaskedPasses(kept, add_dx)
+def x_grads(dx: Optional[torch.Tensor], dqk: torch.Tensor, A: torch.Tensor, x: torch.Tensor,
+            keep: Optional[_Stream], rows: Optional[torch.Tensor], need_dA: bool) -> Optional[torch.Tensor]:
+    """dx[rows] += (dqk A) * keep / (1 - p) in place (dx given) and dA = dqk^T x~[rows], float32
+    [Ra, K] (when ``need_dA``, else None), in one pass over x; dqk float32 [m, Ra]."""
+    if keep is None:
+        return composed.aten_x_grads(dx, dqk, A, x, None, rows, need_dA)
+    ops = cpu_ext.ops()
+    if dx is None:
+        return ops.masked_At(dqk, x, rows, keep.p, keep.seed) if need_dA else None
+    if need_dA:
+        return ops.masked_At_add_(dx, dqk, x, A, rows, keep.p, keep.seed)
+    ops.add_masked_(dx, dqk, A, rows, keep.p, keep.seed)
+    return None
+
+
+PASSES = composed.MaskedPasses(kept, shrink, x_grads)
 
 
 def forward(pb: Problem, op: Operands) -> tuple[torch.Tensor, torch.Tensor]:

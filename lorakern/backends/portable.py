@@ -40,7 +40,7 @@ def kept(x: torch.Tensor, p: float, seed: int):
     return torch.where(keep, x, 0), keep, 1.0 / (1.0 - p)
 
 
-PASSES = composed.MaskedPasses(kept, composed.add_adapter_dx)
+PASSES = composed.MaskedPasses(kept)
 
 
 def forward(pb: Problem, op: Operands) -> tuple[torch.Tensor, torch.Tensor]:
