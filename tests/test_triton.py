@@ -176,6 +176,62 @@ def test_strided_views(env):
     check(t, kw, dropout_p=0.25)
 
 
+# --------------------------------------------------------------------------- the fold-in plan
+
+
+def _routes(t, kw, p):
+    """(forward route, backward route with every gradient) that configs gives this problem."""
+    from lorakern.triton import configs
+    x, A = t["x"], t["lora_A"]
+    M, K = x.shape
+    N, Ra = t["weight"].shape[0], A.shape[-2]
+    common = dict(banked=A.dim() == 3, dropout=p > 0, esize=x.element_size(), sms=1, mixed=A.dtype != x.dtype,
+                  base_scale=t.get("base_scale") is not None)
+    return (configs.forward_route(M, N, K, Ra, **common),
+            configs.backward_route(M, N, K, Ra, **common, deterministic=False, need_x=True, need_dt=True,
+                                   need_P=True, need_A=True))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("cublas", [True, False])
+def test_fold_in(env, override, p, cublas):
+    """The fold-in plan (the table's FOLD: M >= 64 under the interpreter): shrink, the forward
+    kernel with K = 0 writing b + t (v*B)^T, cuBLAS adding x W^T onto it; dx kernel with N = 0
+    writing the adapter's term (dA fused with dropout), cuBLAS adding g W; masked ranks, scales."""
+    dev, dt = env
+    override("gpass", CUBLAS=cublas)
+    t, kw = make(dev, dt, *shape(dev, (70, 41, 35, 6), (2100, 1000, 777, 13)), rank_scale="shared",
+                 out_scale="shared", rank_mask=True)
+    fwd, bwd = _routes(t, kw, p)
+    assert fwd.fold and bwd.fold and bwd.fuse_da == (p > 0) and bwd.cublas == cublas
+    check(t, kw, dropout_p=p)
+
+
+def test_fold_in_banks_and_deterministic(env):
+    """Per-row adapters through the fold-in plan (the same kernels take banks); deterministic mode
+    (dA by the one-slice row reduction, no atomics across programs): the same bits twice."""
+    dev, dt = env
+    t, kw = make(dev, dt, *shape(dev, (80, 24, 20, 4), (2100, 520, 600, 16)), G=3, rank_scale="per_adapter",
+                 out_scale="per_adapter")
+    assert all(r.fold for r in _routes(t, kw, 0.2))
+    check(t, kw, dropout_p=0.2)
+    x = t["x"]
+    keep = lorakern.triton.dropout_keep(5, *x.shape, 0.2, x.device)
+    runs = [check_against_oracle(t, kw, backend="triton", dropout_p=0.2, seed=5, keep=keep,
+                                 deterministic=True).outputs for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0].values(), runs[1].values()))
+
+
+def test_base_scale_takes_the_fused_gemm(env):
+    """cuBLAS's beta = 1 cannot scale the base product per column: with a base scale the large-M
+    plan is the fused GEMM."""
+    dev, dt = env
+    t, kw = random_problem(*shape(dev, (70, 24, 20, 4), (2100, 520, 600, 16)), base_scale=True, scaling=0.5,
+                           device=dev, dtype=dt)
+    assert not any(r.fold for r in _routes(t, kw, 0.1))
+    check(t, kw, dropout_p=0.1)
+
+
 # --------------------------------------------------------------------------- banks
 
 

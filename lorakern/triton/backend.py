@@ -132,52 +132,68 @@ def _launch_opts(cfg: dict, dtype: torch.dtype) -> dict:
                 DOT_PREC="ieee" if dtype == torch.float32 else "tf32")
 
 
+def _mixed(op: Operands) -> bool:
+    """Adapters in their own dtype (fp32 beside a half-precision x: PEFT's default precision)."""
+    return op.lora_A.dtype != op.x.dtype
+
+
 def forward(pb: Problem, op: Operands) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, q) per ARCHITECTURE.md: y [M, N] in x's dtype, q fp32 [M, Ra]. Adapters in another dtype
-    than x (fp32 beside fp16 / bf16) enter the kernels rounded to x's dtype (``adapters_as_x``)."""
-    op = adapters_as_x(op)
-    x, weight, bias, lora_A, lora_B, base_scale = op.x, op.weight, op.bias, op.lora_A, op.lora_B, op.base_scale
+    """(y, q) per ARCHITECTURE.md: y [M, N] in x's dtype, q fp32 [M, Ra].
+
+    Two plans (``configs.forward_route``): the fused one (``shrink`` unless the GEMM computes q,
+    then ``lora_fwd`` for y) and the fold-in one (``shrink``, then ``lora_fwd`` with K = 0 writes
+    the adapter's part ``C = b + t (v*B)^T`` into y, then cuBLAS adds x W^T onto it: ``addmm_``,
+    beta = 1). Adapters in fp32 beside a half-precision x take the fold-in plan with their
+    products in fp32 (C rounded once to x's dtype), except with a base scale, where the fused
+    GEMM rounds them to x's dtype first (``adapters_as_x``).
+    """
+    x = op.x
     _check(x)
     M, K, N, seed = pb.M, pb.K, pb.N, pb.seed
-    ad = _Adapter.make(pb, op)
     p = pb.dropout_p
+    route = configs.forward_route(M, N, K, pb.Ra, banked=pb.banked, dropout=p > 0, esize=x.element_size(),
+                                  sms=_sm_count(x.device), mixed=_mixed(op), base_scale=op.base_scale is not None)
+    if not route.fold:
+        op = adapters_as_x(op)
+    weight, bias, lora_A, lora_B, base_scale = op.weight, op.bias, op.lora_A, op.lora_B, op.base_scale
+    ad = _Adapter.make(pb, op)
     y = alloc.empty((M, N), dtype=x.dtype, device=x.device)
     q = alloc.empty((M, ad.Ra), dtype=torch.float32, device=x.device)
     ptrs = ad.ptrs(x)
     sAg, sAr, sAk = ad.A_strides()
     sBg, sBn, sBr = ad.B_strides()
-    cfg = configs.fwd(M, N, K, ad.Ra, ad.banked, p > 0, x.element_size())
+    cfg = route.fwd
     flags = ad.flags()
-    split, qp = 1, q
-    if not cfg["FUSE_Q"]:
-        sc = configs.shrink(M, K, ad.Ra, _sm_count(x.device), x.element_size())
-        k_per = _cdiv(_cdiv(K, sc["SPLIT_K"]), sc["BK"]) * sc["BK"]
-        split = _cdiv(K, k_per)
+    split, qp = route.split, q
+    if not route.fuse_q:
+        sc = route.shrink
         if split > 1:  # one partial q per K slice, summed in slice order by the GEMM
             qp = alloc.empty((split, M, ad.Ra), dtype=torch.float32, device=x.device)
         shrink_kernel[(_cdiv(M, sc["BM"]), split)](
             x, lora_A, qp, ptrs["RIDX"], ptrs["IDX"], ptrs["PERM"],
-            M, K, ad.Ra, ad.G, p, 1.0 / (1.0 - p), seed, k_per,
+            M, K, ad.Ra, ad.G, p, 1.0 / (1.0 - p), seed, route.k_per,
             x.stride(0), x.stride(1), sAg, sAr, sAk, M * ad.Ra, ad.Ra,
             BM=sc["BM"], BK=sc["BK"], RP=ad.RP, DROPOUT=p > 0, HAS_RIDX=flags["HAS_RIDX"],
-            BANKED=ad.banked, HAS_PERM=flags["HAS_PERM"], **_launch_opts(sc, x.dtype))
+            BANKED=ad.banked, HAS_PERM=flags["HAS_PERM"], **_launch_opts(sc, lora_A.dtype))
     sUg, sUr = _vec_strides(ad.u)
     sVg, sVn = _vec_strides(ad.v)
     descs = None
-    if cfg["TMA"] and not ad.banked:
+    if cfg["TMA"] and not ad.banked and not route.fold:
         descs = _descriptors((x, (cfg["BM"], cfg["BK"])), (weight, (cfg["BN"], cfg["BK"])))
     grid = (_cdiv(M, cfg["BM"]) * _cdiv(N, cfg["BN"]),)
     lora_fwd_kernel[grid](
         x, weight, *(descs or (x, weight)), bias if bias is not None else x, lora_A, lora_B, qp, q, y,
         ptrs["RIDX"], ptrs["U"], ptrs["V"], ptrs["SG"], ptrs["IDX"], ptrs["PERM"],
         base_scale if base_scale is not None else x,
-        M, N, K, ad.Ra, ad.G, ad.scaling, p, 1.0 / (1.0 - p), seed, split,
+        M, N, 0 if route.fold else K, ad.Ra, ad.G, ad.scaling, p, 1.0 / (1.0 - p), seed, split,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), bias.stride(0) if bias is not None else 0,
         sAg, sAr, sAk, sBg, sBn, sBr, sUg, sUr, sVg, sVn, M * ad.Ra, ad.Ra, y.stride(0), y.stride(1),
         base_scale.stride(0) if base_scale is not None else 0,
-        BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], RP=ad.RP, GROUP_M=cfg["GROUP_M"], FUSE_Q=cfg["FUSE_Q"],
+        BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], RP=ad.RP, GROUP_M=cfg["GROUP_M"], FUSE_Q=route.fuse_q,
         TMA=descs is not None, DROPOUT=p > 0, HAS_BIAS=bias is not None,
-        HAS_BS=base_scale is not None, HAS_V=ad.v is not None, **flags, **_launch_opts(cfg, x.dtype))
+        HAS_BS=base_scale is not None, HAS_V=ad.v is not None, **flags, **_launch_opts(cfg, lora_B.dtype))
+    if route.fold:  # cuBLAS: y = x W^T + C, its epilogue reading C (beta = 1)
+        y.addmm_(x, weight.T)
     return y, q
 
 
@@ -222,27 +238,45 @@ def _row_reduce(X, rowv, out, ad: _Adapter, ptrs: dict, flags: dict, p: float, s
         cfg = {**cfg, "SPLIT_M": 1}
     rows_per = _cdiv(_cdiv(M, cfg["SPLIT_M"]), cfg["BM"]) * cfg["BM"]
     sUg, sUr = _vec_strides(ad.u)
+    wide = ad.A.dtype != X.dtype  # fp32 adapters beside a half-precision X: the products in fp32
     dA_kernel[(_cdiv(K, cfg["BK"]), _cdiv(M, rows_per))](
         X, rowv, out, ptrs["RIDX"], ptrs["U"], ptrs["SG"], ptrs["IDX"], ptrs["PERM"],
         M, K, ad.Ra, ad.G, ad.scaling, p, seed, rows_per,
         X.stride(0), X.stride(1), sUg, sUr, rowv.stride(0),
-        BM=cfg["BM"], BK=cfg["BK"], RP=ad.RP, DROPOUT=p > 0, **flags, **_launch_opts(cfg, X.dtype))
+        BM=cfg["BM"], BK=cfg["BK"], RP=ad.RP, DROPOUT=p > 0, WIDE=wide, **flags,
+        **_launch_opts(cfg, ad.A.dtype))
 
 
 def backward(pb: Problem, op: Operands, grad_y: torch.Tensor, q: torch.Tensor, needs: Needs) -> Grads:
-    """Gradients per ARCHITECTURE.md; None where ``needs`` says so; each in its input's dtype (fp32
-    adapters: computed with the adapters rounded to x's dtype, as forward, returned in fp32)."""
-    given, op = op, adapters_as_x(op)
-    x, weight, lora_A, lora_B, base_scale = op.x, op.weight, op.lora_A, op.lora_B, op.base_scale
-    rank_scale, out_scale, deterministic = op.rank_scale, op.out_scale, pb.deterministic
+    """Gradients per ARCHITECTURE.md; None where ``needs`` says so; each in its input's dtype.
+
+    dt = g (v*B) and g^T t by two skinny torch products or the g-pass kernel; dx by the dx kernel
+    (the fused plan) or, in the fold-in plan (``configs.backward_route``), the dx kernel with
+    N = 0 writing the adapter's term ``(dq A) * keep / (1 - p)`` and cuBLAS adding g W onto it
+    (``addmm_``, beta = 1); dA inside the dx kernel or by the row-reduction kernel. fp32 adapters
+    beside a half-precision x: every adapter product in fp32, as forward (with a base scale:
+    rounded to x's dtype as the fused forward, gradients returned in fp32).
+    """
+    x = op.x
     _check(x)
-    n_x, n_w, n_b, n_A, n_B, n_u, n_v, n_c = (needs.x, needs.weight, needs.bias, needs.lora_A, needs.lora_B,
-                                              needs.rank_scale, needs.out_scale, needs.base_scale)
     g = grad_y
     M, K, N, seed = pb.M, pb.K, pb.N, pb.seed
     dev = x.device
-    ad = _Adapter.make(pb, op)
     p = pb.dropout_p
+    n_x, n_w, n_b, n_A, n_B, n_u, n_v, n_c = (needs.x, needs.weight, needs.bias, needs.lora_A, needs.lora_B,
+                                              needs.rank_scale, needs.out_scale, needs.base_scale)
+    need_dt, need_P = n_x or n_A or n_u, n_B or n_v
+    deterministic = pb.deterministic
+    route = configs.backward_route(M, N, K, pb.Ra, banked=pb.banked, dropout=p > 0, esize=x.element_size(),
+                                   sms=_sm_count(dev), mixed=_mixed(op),
+                                   base_scale=op.base_scale is not None, deterministic=deterministic,
+                                   need_x=n_x, need_dt=need_dt, need_P=need_P, need_A=n_A)
+    given = op
+    if op.base_scale is not None:
+        op = adapters_as_x(op)
+    weight, lora_A, lora_B, base_scale = op.weight, op.lora_A, op.lora_B, op.base_scale
+    rank_scale, out_scale = op.rank_scale, op.out_scale
+    ad = _Adapter.make(pb, op)
     ptrs = ad.ptrs(x)
     flags = ad.flags()
     sAg, sAr, sAk = ad.A_strides()
@@ -250,67 +284,59 @@ def backward(pb: Problem, op: Operands, grad_y: torch.Tensor, q: torch.Tensor, n
     sUg, sUr = _vec_strides(ad.u)
     sVg, sVn = _vec_strides(ad.v)
     f32 = torch.float32
-    need_dt, need_P = n_x or n_A or n_u, n_B or n_v
-    cfg = configs.gpass(M, N, ad.Ra, _sm_count(dev), x.element_size())
-    if deterministic:
-        cfg = {**cfg, "P_APART": True}
     db_apart = n_b and deterministic
-    cublas = cfg["CUBLAS"] and not ad.banked  # dt and P by cuBLAS: no atomics either
-    p_apart = need_P and cfg["P_APART"] and not cublas  # P^T = t^T g by the row-reduction kernel
     dt = P = db = None
-    if cublas and (need_dt or need_P):
+    if route.cublas and (need_dt or need_P):
         dt, P = _dt_P_by_mm(g, q, ad, need_dt, need_P)
         db = g.sum(0) if n_b else None  # fp32 accumulation, rounded once
-    elif need_dt or (need_P and not p_apart):
-        n_per = _cdiv(_cdiv(N, cfg["SPLIT_N"]), cfg["BN"]) * cfg["BN"]
-        split = _cdiv(N, n_per)
+    elif route.gpass_split:
+        cfg, split = route.gpass, route.gpass_split
         if need_dt:  # one partial dt per N slice, summed below in slice order (no atomics)
             dt = alloc.empty((split, M, ad.Ra), dtype=f32, device=dev)
-        P = torch.zeros((ad.G, N, ad.Ra), dtype=f32, device=dev) if need_P and not p_apart else None
+        P = torch.zeros((ad.G, N, ad.Ra), dtype=f32, device=dev) if need_P and not route.p_apart else None
         db = torch.zeros(N, dtype=f32, device=dev) if n_b and not db_apart else None
         gpass_kernel[(_cdiv(M, cfg["BM"]), split)](
             g, lora_B, ptrs["V"], q, dt if dt is not None else q, P if P is not None else q,
             db if db is not None else q, ptrs["RIDX"], ptrs["U"], ptrs["SG"], ptrs["IDX"], ptrs["PERM"],
-            M, N, ad.Ra, ad.G, ad.scaling, n_per,
+            M, N, ad.Ra, ad.G, ad.scaling, route.n_per,
             g.stride(0), g.stride(1), sBg, sBn, sBr, sUg, sUr, sVg, sVn, q.stride(0), M * ad.Ra, ad.Ra,
             BM=cfg["BM"], BN=cfg["BN"], RP=ad.RP, NEED_DT=need_dt, NEED_P=P is not None, NEED_DB=db is not None,
-            HAS_V=ad.v is not None, **flags, **_launch_opts(cfg, x.dtype))
+            HAS_V=ad.v is not None, **flags, **_launch_opts(cfg, lora_B.dtype))
         if need_dt:
             dt = dt[0] if split == 1 else dt.sum(0)
     if n_b and db is None:
         db = g.sum(0)
-    if p_apart:
+    if route.p_apart:
         PT = torch.zeros((ad.G, ad.Ra, N), dtype=f32, device=dev)
         _row_reduce(g, q, PT, ad, ptrs, flags, 0.0, 0, deterministic)
         P = PT.transpose(1, 2)
 
-    dx = da_buf = None
-    if n_A:
-        da_buf = torch.zeros((ad.G, ad.Ra, K), dtype=f32, device=dev)
-    fuse_da = False
+    dx = None
+    da_buf = torch.zeros((ad.G, ad.Ra, K), dtype=f32, device=dev) if n_A else None
     if n_x:
-        cfg = configs.dx(M, N, K, ad.Ra, p > 0, x.element_size())
-        fuse_da = n_A and cfg["FUSE_DA"] and not deterministic
+        cfg = route.dx
         dx = alloc.empty((M, K), dtype=x.dtype, device=dev)
         descs = None
-        if cfg["TMA"] and not ad.banked:
+        if cfg["TMA"] and not ad.banked and not route.fold:
             descs = _descriptors((g, (cfg["BM"], cfg["BN"])), (weight, (cfg["BN"], cfg["BK"])))
         grid = (_cdiv(M, cfg["BM"]) * _cdiv(K, cfg["BK"]),)
         dx_kernel[grid](
-            g, weight, *(descs or (g, weight)), lora_A, dt, dx, x, da_buf if fuse_da else dt,
+            g, weight, *(descs or (g, weight)), lora_A, dt, dx, x, da_buf if route.fuse_da else dt,
             ptrs["RIDX"], ptrs["U"], ptrs["SG"],
             ptrs["IDX"], ptrs["PERM"], base_scale if base_scale is not None else g,
-            M, N, K, ad.Ra, ad.G, ad.scaling, p, seed,
+            M, 0 if route.fold else N, K, ad.Ra, ad.G, ad.scaling, p, seed,
             g.stride(0), g.stride(1), weight.stride(0), weight.stride(1), sAg, sAr, sAk, sUg, sUr,
             dt.stride(0), dx.stride(0), dx.stride(1), x.stride(0), x.stride(1),
             base_scale.stride(0) if base_scale is not None else 0,
-            BM=cfg["BM"], BK=cfg["BK"], BN=cfg["BN"], RP=ad.RP, GROUP_M=cfg["GROUP_M"], FUSE_DA=fuse_da,
+            BM=cfg["BM"], BK=cfg["BK"], BN=cfg["BN"], RP=ad.RP, GROUP_M=cfg["GROUP_M"], FUSE_DA=route.fuse_da,
             TMA=descs is not None, HAS_BS=base_scale is not None,
-            DROPOUT=p > 0, **flags, **_launch_opts(cfg, x.dtype))
+            DROPOUT=p > 0, **flags, **_launch_opts(cfg, lora_A.dtype))
+        if route.fold:  # cuBLAS: dx = g W + the adapter's term, its epilogue reading the term (beta = 1)
+            dx.addmm_(g, weight)
 
     dA = None
     if n_A:
-        if not fuse_da:
+        if not route.fuse_da:
             _row_reduce(x, dt, da_buf, ad, ptrs, flags, p, seed, deterministic)
         dA = _scatter_ranks(da_buf, lora_A, ad.ridx, lora_A.dim() - 2)
 

@@ -18,8 +18,10 @@ from lorakern.triton.grouping import next_adapter, rank_block, row_block, row_fa
 def _gpass_adapter(gt, t, dt, sel, g64, b_ptrs, p_ptrs, V, rn64, nmask, rmask, N, Ra, sBg, sVg, sVn,
                    NEED_DT: tl.constexpr, NEED_P: tl.constexpr, HAS_V: tl.constexpr, BANKED: tl.constexpr,
                    DOT_PREC: tl.constexpr):
-    """One adapter's share of a g tile: dt += g (v*B) over its rows; P[g] += g^T t (atomic)."""
-    dtype = gt.dtype
+    """One adapter's share of a g tile: dt += g (v*B) over its rows; P[g] += g^T t (atomic), the
+    products in B's dtype (g widened in registers beside fp32 adapters)."""
+    dtype = b_ptrs.dtype.element_ty
+    gt = gt.to(dtype)
     if BANKED:
         gt = tl.where(sel[:, None], gt, 0.0).to(dtype)
     if NEED_DT:
@@ -101,9 +103,11 @@ def dx_kernel(
     # keep / (1 - p) (the 1 / (1 - p) is in dq), added in the epilogue. Registers: the fp32
     # accumulator [BM, BK] (and a second one for the adapter part with dropout, so configurations
     # halve BK then), one g tile [BM, BN], one W tile [BN, BK], then dq [BM, RP] and one A tile
-    # [RP, BK]. With FUSE_DA the epilogue also reads the x tile [BM, BK] and adds dq^T x~ [RP, BK]
-    # to dA (fp32, atomic), so the keep-mask is generated once for dx and dA. TMA: g and W tiles
-    # come through tensor descriptors GD [M, N] and WD [N, K] (rows in order: one adapter).
+    # [RP, BK], multiplied in A's dtype. With FUSE_DA the epilogue also reads the x tile [BM, BK]
+    # and adds dq^T x~ [RP, BK] to dA (fp32, atomic), so the keep-mask is generated once for dx
+    # and dA. TMA: g and W tiles come through tensor descriptors GD [M, N] and WD [N, K] (rows in
+    # order: one adapter). With N = 0 (the fold-in plan) the N loop is empty and the program writes
+    # the adapter's term (dq A) * keep / (1 - p) alone, onto which cuBLAS then adds g W.
     pid_m, pid_k, mmask, rows, rr, rmask, ranks, rk, kmask = gemm_tile(PERM, RIDX, M, K, Ra, BM, BK, RP, GROUP_M,
                                                                        HAS_PERM, HAS_RIDX, TMA)
     rn = tl.arange(0, BN)
@@ -131,7 +135,7 @@ def dx_kernel(
     inv_keep = 1.0 / (1.0 - p)
     dq = tl.load(DT + rows[:, None] * sdtm + rr[None, :], mask=mmask[:, None] & rmask[None, :], other=0.0)
     dq = dq * (row_factor(ad, ranks, rr, Ra, scaling, SG, U, sUg, sUr, BM, RP, HAS_SG, HAS_U, BANKED) * inv_keep)
-    dtype = GY.dtype.element_ty
+    dtype = A.dtype.element_ty  # the adapter's products in A's dtype
     a_ptrs = A + ranks[:, None] * sAr + rk64[None, :] * sAk
     amask = rmask[:, None] & kmask[None, :]
     if DROPOUT:  # the adapter part needs its own accumulator for the mask
@@ -140,7 +144,8 @@ def dx_kernel(
     else:  # no mask: it rides the main accumulator (a second [BM, BK] fp32 tile would spill)
         part = acc
     if FUSE_DA:
-        x = tl.load(X + rows[:, None] * sxm + rk64[None, :] * sxk, mask=mmask[:, None] & kmask[None, :], other=0.0)
+        x = tl.load(X + rows[:, None] * sxm + rk64[None, :] * sxk, mask=mmask[:, None] & kmask[None, :],
+                    other=0.0).to(dtype)
         if DROPOUT:
             x = tl.where(keep, x, 0.0).to(dtype)
         da_ptrs = DA + rr[:, None].to(tl.int64) * K + rk64[None, :]
@@ -167,19 +172,22 @@ def dA_kernel(
     sxm, sxk, sUg, sUr, sdtm,
     BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr,
     DROPOUT: tl.constexpr, HAS_RIDX: tl.constexpr, HAS_U: tl.constexpr, HAS_SG: tl.constexpr,
-    BANKED: tl.constexpr, HAS_PERM: tl.constexpr, DOT_PREC: tl.constexpr,
+    BANKED: tl.constexpr, HAS_PERM: tl.constexpr, WIDE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # Program: one [RP, BK] column tile of dA (fp32 [G, Ra, K]) over one slice of rows_per_split
     # rows (visiting order), walked in BM steps. Registers: the fp32 accumulator [RP, BK] of the
     # current adapter, one x~ tile [BM, BK] (keep-mask regenerated) and dq [BM, RP]. Rows come
     # sorted by adapter, so the accumulator is added to DA (atomically) only when the adapter
-    # changes and at the end.
+    # changes and at the end. WIDE: the products in fp32 (fp32 adapters), x tiles widened.
     rr, rmask, ranks = rank_block(RIDX, Ra, RP, HAS_RIDX)
     rk = tl.program_id(0) * BK + tl.arange(0, BK)
     kmask = rk < K
     rk64 = rk.to(tl.int64)
     inv_keep = 1.0 / (1.0 - p)
-    dtype = X.dtype.element_ty
+    if WIDE:
+        dtype = DA.dtype.element_ty
+    else:
+        dtype = X.dtype.element_ty
     da_ptrs = DA + rr[:, None].to(tl.int64) * K + rk64[None, :]
     da_mask = rmask[:, None] & kmask[None, :]
     m_lo = tl.program_id(1) * rows_per_split
@@ -188,7 +196,8 @@ def dA_kernel(
     cur = tl.program_id(0) * 0 - (1 if BANKED else 0)  # adapter of acc (-1: none yet)
     for m0 in range(m_lo, m_hi, BM):
         _, mmask, rows = row_block(PERM, m0, m_hi, BM, HAS_PERM)
-        x = tl.load(X + rows[:, None] * sxm + rk64[None, :] * sxk, mask=mmask[:, None] & kmask[None, :], other=0.0)
+        x = tl.load(X + rows[:, None] * sxm + rk64[None, :] * sxk, mask=mmask[:, None] & kmask[None, :],
+                    other=0.0).to(dtype)
         if DROPOUT:
             x = tl.where(keep_tile(seed, rows, tl.program_id(0) * BK, K, p, BK), x, 0.0).to(dtype)
         ad = tl.zeros((BM,), tl.int32)

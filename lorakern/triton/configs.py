@@ -11,7 +11,10 @@ boundaries on tiny shapes), ``"default"`` (tuned on an H100), and one per GPU na
 Kinds: ``fwd`` (the forward GEMM; ``FUSE_Q``: q computed inside it), ``shrink`` (q in its own
 pass, ``SPLIT_K`` column slices), ``gpass`` (the pass over g; ``SPLIT_N``, ``P_APART``,
 ``CUBLAS``), ``dx`` (the dx GEMM; ``FUSE_DA``: dA in its epilogue), ``dA``; ``TMA``: x / g and W
-tiles through tensor descriptors (ARCHITECTURE.md), off until timed on a GPU.
+tiles through tensor descriptors (ARCHITECTURE.md), off until timed on a GPU. ``FOLD`` (fwd, dx):
+the fold-in plan (``lorakern/triton/folded.py``): the base GEMM by cuBLAS (``addmm_`` onto the
+adapter's part, beta = 1) instead of the Triton GEMM; :func:`forward_route` and
+:func:`backward_route` turn the entries into what the backend launches.
 
 A row: ``{"M_max": 64, "BM": 16, ..., "dropout": {"FUSE_Q": false}}``: the first row with
 M <= M_max (or without M_max) is used, its ``"dropout"`` entries replacing others for calls with
@@ -35,12 +38,12 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 
 __all__ = ["KINDS", "TABLES", "interpreting", "plan", "planning", "table_name", "load",
-           "fwd", "shrink", "gpass", "dx", "dA"]
+           "fwd", "shrink", "gpass", "dx", "dA", "ForwardRoute", "BackwardRoute", "forward_route", "backward_route"]
 
 TABLES = Path(__file__).resolve().parent.parent / "launchplans.json"
 KINDS = {"fwd": "BK", "shrink": "BK", "gpass": "BN", "dx": "BN", "dA": "BM"}  # kind: its inner block
@@ -188,3 +191,82 @@ def dx(M: int, N: int, K: int, Ra: int, dropout: bool, esize: int) -> dict:
 def dA(M: int, K: int, Ra: int, sms: int, esize: int) -> dict:
     """``plan("dA", ...)``: dA = dq^T x~; SPLIT_M row slices."""
     return plan("dA", M=M, K=K, Ra=Ra, sms=sms, esize=esize)
+
+
+class ForwardRoute(NamedTuple):
+    """What the triton backend's forward launches for one call (:func:`forward_route`)."""
+    fold: bool          # fold-in plan: shrink, the adapter's part C by the forward kernel with K = 0, cuBLAS addmm_
+    fuse_q: bool        # q inside the forward GEMM (no shrink launch)
+    split: int          # the shrink's K slices (0: no shrink)
+    k_per: int          # columns per slice
+    fwd: dict           # plan("fwd")
+    shrink: Optional[dict]  # plan("shrink"), None without a shrink
+
+
+class BackwardRoute(NamedTuple):
+    """What the triton backend's backward launches for one call (:func:`backward_route`)."""
+    cublas: bool        # dt and g^T t as two skinny torch products (else the g-pass kernel)
+    p_apart: bool       # g^T t by the row-reduction kernel
+    gpass_split: int    # the g-pass's N slices (0: no g-pass launch)
+    n_per: int          # columns per slice
+    fold: bool          # dx: the adapter's term by the dx kernel with N = 0, then cuBLAS addmm_ of g W onto it
+    fuse_da: bool       # dA inside the dx kernel (else the row-reduction kernel, where dA is needed)
+    gpass: dict         # plan("gpass") (deterministic: P_APART)
+    dx: Optional[dict]  # plan("dx"), None without dx
+
+
+def _slices(size: int, split: int, block: int) -> tuple[int, int]:
+    """(slices, size per slice) when ``size`` is cut into ``split`` pieces of whole ``block``s."""
+    per = _cdiv(_cdiv(size, split), block) * block
+    return _cdiv(size, per), per
+
+
+def forward_route(M: int, N: int, K: int, Ra: int, *, banked: bool, dropout: bool, esize: int, sms: int,
+                  mixed: bool, base_scale: bool) -> ForwardRoute:
+    """The triton forward's launches: the fold-in plan where ``plan("fwd")`` says FOLD, and always
+    for ``mixed`` (adapters in fp32 beside a half-precision x: their products in fp32, as PEFT),
+    never with a base scale (cuBLAS's beta = 1 cannot scale the product per column: the fused GEMM
+    does). ``esize``: bytes per element of x.
+
+    >>> forward_route(8192, 4096, 4096, 16, banked=False, dropout=True, esize=2, sms=132, mixed=False,
+    ...               base_scale=False).fold
+    True
+    """
+    cfg = fwd(M, N, K, Ra, banked, dropout, esize)
+    fold = not base_scale and (mixed or bool(cfg.get("FOLD", False)))
+    fuse_q = not fold and cfg["FUSE_Q"]
+    if fuse_q:
+        return ForwardRoute(fold, True, 0, K, cfg, None)
+    sc = shrink(M, K, Ra, sms, esize)
+    split, k_per = _slices(K, sc["SPLIT_K"], sc["BK"])
+    return ForwardRoute(fold, False, split, k_per, cfg, sc)
+
+
+def backward_route(M: int, N: int, K: int, Ra: int, *, banked: bool, dropout: bool, esize: int, sms: int,
+                   mixed: bool, base_scale: bool, deterministic: bool, need_x: bool, need_dt: bool,
+                   need_P: bool, need_A: bool) -> BackwardRoute:
+    """The triton backward's launches for the gradients asked for (``need_dt``: dx, dA or du need
+    dt = g (v B); ``need_P``: dB or dv need g^T t). dt and g^T t by cuBLAS where ``plan("gpass")``
+    says CUBLAS, one adapter, and the products in x's dtype (fp32 adapters with a base scale are
+    rounded to it; without one they take the g-pass kernel, which widens g in registers); the dx
+    fold-in plan as :func:`forward_route`'s;
+    ``deterministic``: no atomics across programs (g^T t and dA by the one-slice row reduction).
+
+    >>> backward_route(8192, 4096, 4096, 16, banked=False, dropout=True, esize=2, sms=132, mixed=False,
+    ...                base_scale=False, deterministic=False, need_x=True, need_dt=True, need_P=True,
+    ...                need_A=True)[:6]
+    (True, False, 0, 4096, True, True)
+    """
+    gcfg = gpass(M, N, Ra, sms, esize)
+    if deterministic:
+        gcfg = {**gcfg, "P_APART": True}
+    wide = mixed and not base_scale  # fp32 adapters' products in fp32: torch products would need g in fp32
+    cublas = gcfg["CUBLAS"] and not banked and not wide
+    p_apart = need_P and gcfg["P_APART"] and not cublas
+    split, n_per = 0, N
+    if not cublas and (need_dt or (need_P and not p_apart)):
+        split, n_per = _slices(N, gcfg["SPLIT_N"], gcfg["BN"])
+    dcfg = dx(M, N, K, Ra, dropout, esize) if need_x else None
+    fold = need_x and not base_scale and (mixed or bool(dcfg.get("FOLD", False)))
+    fuse_da = need_x and need_A and dcfg["FUSE_DA"] and not deterministic
+    return BackwardRoute(cublas, p_apart, split, n_per, fold, fuse_da, gcfg, dcfg)

@@ -53,8 +53,10 @@ def lora_fwd_kernel(
 ):
     # Program: one [BM, BN] tile of y. Registers: the fp32 accumulator [BM, BN] (plus the fp32
     # q accumulator [BM, RP] with FUSE_Q), one x tile [BM, BK], one W tile [BK, BN] and one A
-    # tile [BK, RP] per K step; then t [BM, RP] and one B tile [RP, BN] per adapter. TMA: x and
-    # W tiles come through tensor descriptors XD [M, K] and WD [N, K] (rows in order: one adapter).
+    # tile [BK, RP] per K step; then t [BM, RP] and one B tile [RP, BN] per adapter, multiplied in
+    # B's dtype. TMA: x and W tiles come through tensor descriptors XD [M, K] and WD [N, K] (rows
+    # in order: one adapter). With K = 0 (the fold-in plan) the K loop is empty and the program
+    # writes the adapter's part bias + t (v*B)^T alone, onto which cuBLAS then adds x W^T.
     pid_m, pid_n, mmask, rows, rr, rmask, ranks, rn, nmask = gemm_tile(PERM, RIDX, M, N, Ra, BM, BN, RP, GROUP_M,
                                                                        HAS_PERM, HAS_RIDX, TMA)
     rk = tl.arange(0, BK)
@@ -101,6 +103,7 @@ def lora_fwd_kernel(
     t = q * row_factor(ad, ranks, rr, Ra, scaling, SG, U, sUg, sUr, BM, RP, HAS_SG, HAS_U, BANKED)
     b_ptrs = B + ranks[:, None] * sBr + rn64[None, :] * sBn
     bmask = rmask[:, None] & nmask[None, :]
+    ct = B.dtype.element_ty  # the update's products in the adapters' dtype
     if BANKED:
         g = next_adapter(ad, -1, G)
         while g < G:
@@ -110,14 +113,14 @@ def lora_fwd_kernel(
                 v = tl.load(V + g64 * sVg + rn64 * sVn, mask=nmask, other=0.0)
                 b = b.to(tl.float32) * v.to(tl.float32)[None, :]
             tg = t * (ad == g).to(tl.float32)[:, None]
-            acc = tl.dot(tg.to(X.dtype.element_ty), b.to(X.dtype.element_ty), acc, input_precision=DOT_PREC)
+            acc = tl.dot(tg.to(ct), b.to(ct), acc, input_precision=DOT_PREC)
             g = next_adapter(ad, g, G)
     else:
         b = tl.load(b_ptrs, mask=bmask, other=0.0)
         if HAS_V:
             v = tl.load(V + rn64 * sVn, mask=nmask, other=0.0)
             b = b.to(tl.float32) * v.to(tl.float32)[None, :]
-        acc = tl.dot(t.to(X.dtype.element_ty), b.to(X.dtype.element_ty), acc, input_precision=DOT_PREC)
+        acc = tl.dot(t.to(ct), b.to(ct), acc, input_precision=DOT_PREC)
     if HAS_BIAS:
         acc += tl.load(BIAS + rn64 * sbias, mask=nmask, other=0.0).to(tl.float32)[None, :]
     y_ptrs = Y + rows[:, None] * sym + rn64[None, :] * syn

@@ -26,7 +26,7 @@ def shrink_kernel(
     # (Q is [slices, M, Ra]; the GEMM sums them in slice order: no memset, no atomics, the same
     # bits every run), so that few rows still fill the GPU (the keep mask of decode-size inputs
     # is the cost, not the bytes). Registers: the fp32 accumulator [BM, RP], one x tile
-    # [BM, BK] and one A tile [BK, RP]. Per-row adapters: each K step
+    # [BM, BK] (in A's dtype: fp32 adapters get fp32 products) and one A tile [BK, RP]. Per-row adapters: each K step
     # dots the x tile (other adapters' rows zeroed) with the A tile of every adapter present.
     _, mmask, rows = row_block(PERM, tl.program_id(0) * BM, M, BM, HAS_PERM)
     rr, rmask, ranks = rank_block(RIDX, Ra, RP, HAS_RIDX)
@@ -38,18 +38,19 @@ def shrink_kernel(
     if BANKED:
         ad = tile_adapters(IDX, rows, mmask, G)
         first = next_adapter(ad, -1, G)
+    ct = A.dtype.element_ty  # the products in the adapters' dtype (fp32 adapters: x widened in registers)
     acc = tl.zeros((BM, RP), tl.float32)
     for k0 in range(k_lo, k_hi, BK):
         kmask = rk + k0 < k_hi
-        x = tl.load(x_ptrs, mask=mmask[:, None] & kmask[None, :], other=0.0)
+        x = tl.load(x_ptrs, mask=mmask[:, None] & kmask[None, :], other=0.0).to(ct)
         if DROPOUT:
-            x = tl.where(keep_tile(seed, rows, k0, K, p, BK), x, 0.0).to(X.dtype.element_ty)
+            x = tl.where(keep_tile(seed, rows, k0, K, p, BK), x, 0.0).to(ct)
         amask = kmask[:, None] & rmask[None, :]
         if BANKED:
             g = first
             while g < G:
                 a = tl.load(a_ptrs + g.to(tl.int64) * sAg, mask=amask, other=0.0)
-                acc = tl.dot(tl.where((ad == g)[:, None], x, 0.0).to(X.dtype.element_ty), a, acc, input_precision=DOT_PREC)
+                acc = tl.dot(tl.where((ad == g)[:, None], x, 0.0).to(ct), a, acc, input_precision=DOT_PREC)
                 g = next_adapter(ad, g, G)
         else:
             a = tl.load(a_ptrs, mask=amask, other=0.0)
