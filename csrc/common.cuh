@@ -1,4 +1,5 @@
-// Shared device helpers: dtype dispatch, the dropout keep-test and the adapter lookup.
+// Shared device helpers: dtype dispatch (x's type, the adapters' type), the dropout keep-test,
+// the adapter lookup and vector loads.
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -52,31 +53,50 @@ __device__ __forceinline__ int64_t adapter_of(const int64_t* ai, int64_t m, int6
   return (g >= 0 && g < G) ? g : -1;
 }
 
-// VEC consecutive elements at p as floats: one 16-byte load when VEC > 1 (the caller checks
-// stride 1 and 16-byte alignment), a plain load otherwise.
+// VEC consecutive elements at p as floats: VEC * sizeof(T) / 16 16-byte loads when VEC > 1 (the
+// caller checks vec_ok<T, VEC>), a plain load otherwise.
 template <typename T, int VEC>
 __device__ __forceinline__ void load_vec(const T* p, float (&v)[VEC]) {
   if constexpr (VEC == 1) {
     v[0] = static_cast<float>(p[0]);
   } else {
+    static_assert((VEC * sizeof(T)) % 16 == 0, "VEC elements must fill whole 16-byte loads");
+    constexpr int LOADS = VEC * sizeof(T) / 16;
     union {
-      uint4 u;
+      uint4 u[LOADS];
       T t[VEC];
     } pack;
-    pack.u = *reinterpret_cast<const uint4*>(p);
+#pragma unroll
+    for (int l = 0; l < LOADS; ++l) pack.u[l] = reinterpret_cast<const uint4*>(p)[l];
 #pragma unroll
     for (int e = 0; e < VEC; ++e) v[e] = static_cast<float>(pack.t[e]);
   }
 }
 
-// True when t's data can be read with 16-byte loads along its last dimension from every row.
-template <typename T>
-bool vec16_ok(const at::Tensor& t) {
-  constexpr int V = 16 / sizeof(T);
-  if (t.stride(-1) != 1 || t.size(-1) % V != 0) return false;
+// True when t's data can be read with load_vec<T, VEC> at every multiple of VEC along its last
+// dimension, from every row: stride 1 there, whole vectors, 16-byte aligned rows.
+template <typename T, int VEC>
+bool vec_ok(const at::Tensor& t) {
+  static_assert((VEC * sizeof(T)) % 16 == 0, "VEC elements must fill whole 16-byte loads");
+  constexpr int ALIGN = 16 / sizeof(T);  // elements per 16 bytes
+  if (t.stride(-1) != 1 || t.size(-1) % VEC != 0) return false;
   for (int d = 0; d + 1 < t.dim(); ++d)
-    if (t.stride(d) % V != 0) return false;
+    if (t.stride(d) % ALIGN != 0) return false;
   return reinterpret_cast<uintptr_t>(t.data_ptr<T>()) % 16 == 0;
+}
+
+// Calls f(adapter_t{}) with the adapters' element type (lora_A, lora_B, out_scale as the kernels
+// read them): x's scalar_t, or float for fp32 adapters beside a half-precision x (PEFT's default
+// precision). One instantiation when scalar_t is float.
+template <typename scalar_t, typename F>
+void with_adapter_type(at::ScalarType adapters, const char* name, F&& f) {
+  if (adapters == c10::CppTypeToScalarType<scalar_t>::value) {
+    f(scalar_t{});
+  } else {
+    TORCH_CHECK(adapters == at::kFloat, name, ": adapters of dtype ", adapters, " beside x of dtype ",
+                c10::CppTypeToScalarType<scalar_t>::value, " (expected x's dtype or float32)");
+    f(float{});
+  }
 }
 
 }  // namespace lorakern

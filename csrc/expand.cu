@@ -1,6 +1,8 @@
 // expand_add: out[m, c] += drop(m,c) * cs[g,c] * sum_r T[m,r] fac[g,r] B3[g, c, idx[r]].
 // Serves the banked forward expand (T = q, fac = s*u, B3 = lora_B, cs = out_scale) and the
 // adapter term of dx (T = dq, B3 = lora_A viewed [G, K, R], dropout regenerated).
+// out is in x's type T; B3 and cs in the adapters' type TA (T, or float for fp32 adapters beside a
+// half-precision x): the adapter term is summed in fp32 and added to out with one rounding.
 // Tiling: one thread per column c, ROWS rows per block (grid.x over row tiles, grid.y over
 // column tiles). Registers: ROWS accumulators and the RC values B3[g, c, idx[r0..r0+RC)] times
 // fac, reloaded only when the adapter changes from one row to the next; T rows are broadcast
@@ -15,11 +17,11 @@ namespace {
 constexpr int RC = 16;
 constexpr int ROWS = 8;
 
-template <typename T>
+template <typename T, typename TA>
 __global__ void expand_add_kernel(T* __restrict__ out, int64_t som, int64_t soc, int64_t M, int64_t C,
                                   const float* __restrict__ Tm, const float* __restrict__ fac, int64_t sfg,
-                                  const T* __restrict__ B, int64_t sbg, int64_t sbc, int64_t sbr,
-                                  const T* __restrict__ cs, int64_t csg, int64_t csc,
+                                  const TA* __restrict__ B, int64_t sbg, int64_t sbc, int64_t sbr,
+                                  const TA* __restrict__ cs, int64_t csg, int64_t csc,
                                   const int64_t* __restrict__ idx, int Ra, const int64_t* __restrict__ ai,
                                   int64_t G, Dropout drop) {
   const int64_t c = (int64_t)blockIdx.y * THREADS + threadIdx.x;
@@ -70,7 +72,9 @@ __global__ void expand_add_kernel(T* __restrict__ out, int64_t som, int64_t soc,
 }
 
 // decode: y[m, n] = x[m,:] . W[n,:] + bias[n] + cs[g,n] * sum_r T[m,r] fac[g,r] B3[g, n, idx[r]],
-// the whole layer in one launch for a few rows (W is read once from DRAM).
+// the whole layer in one launch for a few rows (W is read once from DRAM). x, W, bias, y in x's
+// type T; B3 and cs in the adapters' type TA. The base product, bias and adapter term are summed
+// in fp32 and rounded once.
 // Tiling: one warp per NW consecutive columns (rows of W), rows in chunks of MC; lanes stride
 // over k with VEC-element (16-byte when contiguous and aligned) loads. Registers: MC x NW fp32
 // accumulators, the VEC-wide slices of x and W. Warp-shuffle reduction, then lane (i, j) adds
@@ -79,12 +83,12 @@ constexpr int MC = 4;
 constexpr int NW = 2;
 constexpr int DEC_WARPS = 8;
 
-template <typename T, int VEC>
+template <typename T, typename TA, int VEC>
 __global__ void decode_kernel(const T* __restrict__ x, int64_t sxm, int64_t sxk, const T* __restrict__ W,
                               int64_t swn, int64_t swk, const T* __restrict__ bias, int64_t sb,
                               const float* __restrict__ Tm, const float* __restrict__ fac, int64_t sfg,
-                              const T* __restrict__ B, int64_t sbg, int64_t sbn, int64_t sbr,
-                              const T* __restrict__ cs, int64_t csg, int64_t csn, const int64_t* __restrict__ idx,
+                              const TA* __restrict__ B, int64_t sbg, int64_t sbn, int64_t sbr,
+                              const TA* __restrict__ cs, int64_t csg, int64_t csn, const int64_t* __restrict__ idx,
                               int Ra, const int64_t* __restrict__ ai, int64_t G, T* __restrict__ y, int64_t M,
                               int64_t N, int64_t K) {
   const int lane = threadIdx.x & 31;
@@ -153,14 +157,17 @@ void expand_add(at::Tensor& out, const at::Tensor& T, const at::Tensor& fac, con
   const dim3 grid(num_blocks(M, ROWS), num_blocks(C, THREADS)), block(THREADS);
   auto stream = c10::cuda::getCurrentCUDAStream();
   LK_DISPATCH(out.scalar_type(), "lorakern_expand_add", [&] {
-    expand_add_kernel<scalar_t><<<grid, block, 0, stream>>>(
-        out.data_ptr<scalar_t>(), out.stride(0), out.stride(1), M, C, T.data_ptr<float>(),
-        fac.defined() ? fac.data_ptr<float>() : nullptr, fac.defined() ? fac.stride(0) : 0,
-        B3.data_ptr<scalar_t>(), B3.stride(0), B3.stride(1), B3.stride(2),
-        cs.defined() ? cs.data_ptr<scalar_t>() : nullptr, cs.defined() ? cs.stride(0) : 0,
-        cs.defined() ? cs.stride(1) : 0, idx.data_ptr<int64_t>(), Ra,
-        ai.defined() ? ai.data_ptr<int64_t>() : nullptr, B3.size(0), make_dropout(p, seed, C));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_adapter_type<scalar_t>(B3.scalar_type(), "lorakern_expand_add", [&](auto a) {
+      using adapter_t = decltype(a);
+      expand_add_kernel<scalar_t, adapter_t><<<grid, block, 0, stream>>>(
+          out.data_ptr<scalar_t>(), out.stride(0), out.stride(1), M, C, T.data_ptr<float>(),
+          fac.defined() ? fac.data_ptr<float>() : nullptr, fac.defined() ? fac.stride(0) : 0,
+          B3.data_ptr<adapter_t>(), B3.stride(0), B3.stride(1), B3.stride(2),
+          cs.defined() ? cs.data_ptr<adapter_t>() : nullptr, cs.defined() ? cs.stride(0) : 0,
+          cs.defined() ? cs.stride(1) : 0, idx.data_ptr<int64_t>(), Ra,
+          ai.defined() ? ai.data_ptr<int64_t>() : nullptr, B3.size(0), make_dropout(p, seed, C));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
 }
 
@@ -173,21 +180,24 @@ void decode(const at::Tensor& x, const at::Tensor& W, const at::Tensor& bias, co
   const dim3 grid(num_blocks(warps, DEC_WARPS)), block(DEC_WARPS * 32);
   auto stream = c10::cuda::getCurrentCUDAStream();
   LK_DISPATCH(x.scalar_type(), "lorakern_decode", [&] {
-    constexpr int V = 16 / sizeof(scalar_t);
-    const bool vec = vec16_ok<scalar_t>(x) && vec16_ok<scalar_t>(W);
-    auto launch = [&](auto kernel) {
-      kernel<<<grid, block, 0, stream>>>(
-          x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), W.data_ptr<scalar_t>(), W.stride(0), W.stride(1),
-          bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, bias.defined() ? bias.stride(0) : 0,
-          T.data_ptr<float>(), fac.data_ptr<float>(), fac.stride(0), B3.data_ptr<scalar_t>(), B3.stride(0),
-          B3.stride(1), B3.stride(2), cs.defined() ? cs.data_ptr<scalar_t>() : nullptr,
-          cs.defined() ? cs.stride(0) : 0, cs.defined() ? cs.stride(1) : 0, idx.data_ptr<int64_t>(),
-          (int)idx.size(0), ai.defined() ? ai.data_ptr<int64_t>() : nullptr, B3.size(0), y.data_ptr<scalar_t>(),
-          M, N, K);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    if (vec) launch(decode_kernel<scalar_t, V>);
-    else launch(decode_kernel<scalar_t, 1>);
+    with_adapter_type<scalar_t>(B3.scalar_type(), "lorakern_decode", [&](auto a) {
+      using adapter_t = decltype(a);
+      constexpr int V = 16 / sizeof(scalar_t);
+      const bool vec = vec_ok<scalar_t, V>(x) && vec_ok<scalar_t, V>(W);
+      auto launch = [&](auto kernel) {
+        kernel<<<grid, block, 0, stream>>>(
+            x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), W.data_ptr<scalar_t>(), W.stride(0), W.stride(1),
+            bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, bias.defined() ? bias.stride(0) : 0,
+            T.data_ptr<float>(), fac.data_ptr<float>(), fac.stride(0), B3.data_ptr<adapter_t>(), B3.stride(0),
+            B3.stride(1), B3.stride(2), cs.defined() ? cs.data_ptr<adapter_t>() : nullptr,
+            cs.defined() ? cs.stride(0) : 0, cs.defined() ? cs.stride(1) : 0, idx.data_ptr<int64_t>(),
+            (int)idx.size(0), ai.defined() ? ai.data_ptr<int64_t>() : nullptr, B3.size(0),
+            y.data_ptr<scalar_t>(), M, N, K);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (vec) launch(decode_kernel<scalar_t, adapter_t, V>);
+      else launch(decode_kernel<scalar_t, adapter_t, 1>);
+    });
   });
 }
 

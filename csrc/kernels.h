@@ -3,7 +3,9 @@
 // weight is passed as unsqueeze(0)); `cs` is a per-column scale [Gc, cols] with Gc in {1, G}
 // (stride 0 where shared) or undefined; `fac` is float32 [Gc, Ra] likewise; `idx` int64 [Ra]
 // the active ranks; `ai` int64 [M] adapter per row or undefined (rows with -1 or an
-// out-of-range adapter get no adapter term).
+// out-of-range adapter get no adapter term). Dtypes: X, out, x, W, bias, y in x's; the adapter
+// views A3 / B3 and `cs` in the adapters' dtype (x's, or float32 beside a float16 / bfloat16 x:
+// read as fp32, the adapter term computed in fp32 and rounded once into out / y).
 #pragma once
 #include <ATen/ATen.h>
 

@@ -32,20 +32,38 @@ void check_on(const char* name, const Tensor& t, const Tensor& x) {
   TORCH_CHECK(t.device() == x.device(), name, ": expected device ", x.device(), " (that of x), got ", t.device());
 }
 
-void check_float(const char* name, const Tensor& t, const Tensor& x) {
+// t on x's device, of dtype `want` or `alt` (alt == want: `want` alone); `whose` says where they come from.
+void check_dtype(const char* name, const Tensor& t, const Tensor& x, at::ScalarType want, at::ScalarType alt,
+                 const char* whose) {
   check_on(name, t, x);
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, ": expected dtype ", x.scalar_type(),
-              " (that of x), got ", t.scalar_type());
+  const auto dt = t.scalar_type();
+  if (alt == want) {
+    TORCH_CHECK(dt == want, name, ": expected dtype ", want, " (", whose, "), got ", dt);
+  } else {
+    TORCH_CHECK(dt == want || dt == alt, name, ": expected dtype ", want, " or ", alt, " (", whose, "), got ", dt);
+  }
 }
+
+void check_float(const char* name, const Tensor& t, const Tensor& x) {
+  check_dtype(name, t, x, x.scalar_type(), x.scalar_type(), "that of x");
+}
+
+bool is_half(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+// fp32 adapters beside a float16 / bfloat16 x (PEFT's default precision): the adapter branch is
+// computed in fp32 and added to the base product with one rounding to x's dtype.
+bool mixed(const Tensor& lora_A, const Tensor& x) { return lora_A.scalar_type() != x.scalar_type(); }
 
 void check_shape(const char* name, const Tensor& t, at::IntArrayRef want) {
   TORCH_CHECK(t.sizes() == want, name, ": expected shape ", want, ", got ", shape_of(t));
 }
 
-// A per-rank or per-column vector: [len] or, with a bank of G adapters, [G, len].
-void check_vector(const char* name, const optional<Tensor>& t, int64_t len, bool banked, int64_t G, const Tensor& x) {
+// A per-rank or per-column vector: [len] or, with a bank of G adapters, [G, len]; its dtype x's
+// or the adapters' (`adapters`).
+void check_vector(const char* name, const optional<Tensor>& t, int64_t len, bool banked, int64_t G, const Tensor& x,
+                  at::ScalarType adapters) {
   if (!t.has_value()) return;
-  check_float(name, *t, x);
+  check_dtype(name, *t, x, x.scalar_type(), adapters, "that of x or of lora_A");
   if (banked && t->dim() == 2) check_shape(name, *t, {G, len});
   else check_shape(name, *t, {len});
 }
@@ -76,8 +94,11 @@ Dims check_args(const Tensor& x, const Tensor& weight, const optional<Tensor>& b
     check_float("bias", *bias, x);
     check_shape("bias", *bias, {d.N});
   }
-  check_float("lora_A", A, x);
-  check_float("lora_B", B, x);
+  // lora_A: x's dtype, or float32 beside a half-precision x; lora_B: lora_A's
+  const bool half = is_half(dt);
+  check_dtype("lora_A", A, x, dt, half ? at::kFloat : dt,
+              half ? "that of x, or float32 beside a half-precision x" : "that of x");
+  check_dtype("lora_B", B, x, A.scalar_type(), A.scalar_type(), "that of lora_A");
   TORCH_CHECK(A.dim() == 2 || A.dim() == 3, "lora_A: expected [R, K] or [G, R, K], got shape ", shape_of(A));
   d.banked = A.dim() == 3;
   d.G = d.banked ? A.size(0) : 1;
@@ -92,8 +113,8 @@ Dims check_args(const Tensor& x, const Tensor& weight, const optional<Tensor>& b
                 scaling_g->scalar_type());
     check_shape("scaling_g", *scaling_g, {d.G});
   }
-  check_vector("rank_scale", rank_scale, d.R, d.banked, d.G, x);
-  check_vector("out_scale", out_scale, d.N, d.banked, d.G, x);
+  check_vector("rank_scale", rank_scale, d.R, d.banked, d.G, x, A.scalar_type());
+  check_vector("out_scale", out_scale, d.N, d.banked, d.G, x, A.scalar_type());
   TORCH_CHECK(p >= 0.0 && p < 1.0, "dropout_p: expected a float in [0, 1), got ", p);
   d.Ra = d.R;
   if (rank_idx.has_value()) {
@@ -154,10 +175,13 @@ Tensor rank_factor(double scaling, const optional<Tensor>& scaling_g, const opti
   return f.contiguous().expand({d.G, d.Ra});
 }
 
-// A per-column vector as [Gc, len] (stride 0 over adapters when it is [len]), or undefined.
-Tensor per_column(const optional<Tensor>& v, const Dims& d) {
+// A per-column vector as [Gc, len] (stride 0 over adapters when it is [len]) in the adapters'
+// dtype (the kernels read it beside lora_B; a half-precision one beside fp32 adapters is widened,
+// exactly), or undefined.
+Tensor per_column(const optional<Tensor>& v, const Dims& d, const Tensor& lora_A) {
   if (!v.has_value()) return Tensor();
-  return v->dim() == 1 ? v->unsqueeze(0).expand({d.G, v->size(0)}) : *v;
+  const Tensor w = v->to(lora_A.scalar_type());
+  return w.dim() == 1 ? w.unsqueeze(0).expand({d.G, w.size(0)}) : w;
 }
 
 Tensor as_bank(const Tensor& t) { return t.dim() == 2 ? t.unsqueeze(0) : t; }
@@ -180,7 +204,7 @@ std::tuple<Tensor, Tensor> forward(const Tensor& x, const Tensor& weight, const 
   const Tensor idx = active_ranks(rank_idx, d, x);
   const Tensor ai = optional_or_undefined(adapter_index);
   const Tensor fac = rank_factor(scaling, scaling_g, rank_scale, idx, d, x);
-  const Tensor v = per_column(out_scale, d);
+  const Tensor v = per_column(out_scale, d, lora_A);
   rowdot(x, as_bank(lora_A), Tensor(), idx, ai, dropout_p, seed, q);
   if (d.M <= DECODE_MAX_M && !base_scale.has_value()) {
     Tensor y = at::empty({d.M, d.N}, x.options());
@@ -194,8 +218,10 @@ std::tuple<Tensor, Tensor> forward(const Tensor& x, const Tensor& weight, const 
   } else {
     y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
   }
-  if (d.banked) {
-    expand_add(y, q, fac, lora_B, v, idx, ai, 0.0, 0);
+  // banks, and fp32 adapters beside a half-precision x (the update summed in fp32, added to the
+  // base product with one rounding, as PEFT): the expand kernel; one adapter in x's dtype: cuBLAS
+  if (d.banked || mixed(lora_A, x)) {
+    expand_add(y, q, fac, as_bank(lora_B), v, idx, ai, 0.0, 0);
   } else {
     Tensor Bv = lora_B.index_select(1, idx);
     if (out_scale.has_value()) Bv = Bv * out_scale->unsqueeze(1);
@@ -232,8 +258,12 @@ std::vector<Tensor> backward(const Tensor& grad_y, const Tensor& x, const Tensor
   const Tensor idx = active_ranks(rank_idx, d, x);
   const Tensor ai = optional_or_undefined(adapter_index);
   const Tensor fac = rank_factor(scaling, scaling_g, rank_scale, idx, d, x);
-  const Tensor v = per_column(out_scale, d);
+  const Tensor v = per_column(out_scale, d, lora_A);
   const bool dropout = dropout_p > 0.0;
+  // One adapter in x's dtype: its skinny products by cuBLAS in x's dtype. Banks, and fp32 adapters
+  // beside a half-precision x: the kernels (adapters read as fp32, every adapter product summed in
+  // fp32; dA, dB, du, dv in the adapters' dtype, dx's adapter term added with one rounding).
+  const bool gemm = !d.banked && !mixed(lora_A, x);
   // Per-row views of the adapter factors; rows with no adapter get 0 (so t, dq vanish there).
   Tensor valid, gi;
   if (d.banked) {
@@ -264,7 +294,7 @@ std::vector<Tensor> backward(const Tensor& grad_y, const Tensor& x, const Tensor
   const Tensor gc = base_scale.has_value() && (n_x || n_w) ? g * *base_scale : g;
   if (n_x) {
     Tensor dx = at::mm(gc, weight);
-    if (!d.banked && !dropout) dx.addmm_(dq.to(x.scalar_type()), lora_A.index_select(0, idx));
+    if (gemm && !dropout) dx.addmm_(dq.to(x.scalar_type()), lora_A.index_select(0, idx));
     else expand_add(dx, dq, Tensor(), as_bank(lora_A).transpose(1, 2), Tensor(), idx, ai, dropout_p, seed);
     out[0] = dx;
   }
@@ -275,21 +305,21 @@ std::vector<Tensor> backward(const Tensor& grad_y, const Tensor& x, const Tensor
   const Tensor order = d.banked ? at::argsort(ai, /*stable=*/true) : Tensor();
   if (n_A) {
     Tensor dA_act;  // [Gc, Ra, K]
-    if (!d.banked && !dropout) {
+    if (gemm && !dropout) {
       dA_act = at::mm(dq.t().to(x.scalar_type()), x).unsqueeze(0);
     } else {
       Tensor acc = at::zeros({d.G, d.K, d.Ra}, fopt);
       reduce_rows(x, dq.contiguous(), ai, order, dropout_p, seed, deterministic, acc);
       dA_act = acc.transpose(1, 2);
     }
-    Tensor dA = at::zeros({d.G, d.R, d.K}, x.options());
-    dA.index_copy_(1, idx, dA_act.to(x.scalar_type()));
+    Tensor dA = at::zeros({d.G, d.R, d.K}, lora_A.options());
+    dA.index_copy_(1, idx, dA_act.to(lora_A.scalar_type()));
     out[3] = d.banked ? dA : dA[0];
   }
   if (n_B || n_v) {
     const Tensor t = qc * fac_rows;
     Tensor P;  // g^T t per adapter, float32 [Gc, N, Ra]
-    if (!d.banked) {
+    if (gemm) {
       P = at::mm(g.t(), t.to(x.scalar_type())).to(at::kFloat).unsqueeze(0);
     } else {
       P = at::zeros({d.G, d.N, d.Ra}, fopt);
@@ -297,8 +327,8 @@ std::vector<Tensor> backward(const Tensor& grad_y, const Tensor& x, const Tensor
     }
     if (n_B) {
       Tensor dB_act = v.defined() ? P * v.unsqueeze(2).to(at::kFloat) : P;
-      Tensor dB = at::zeros({d.G, d.N, d.R}, x.options());
-      dB.index_copy_(2, idx, dB_act.to(x.scalar_type()));
+      Tensor dB = at::zeros({d.G, d.N, d.R}, lora_B.options());
+      dB.index_copy_(2, idx, dB_act.to(lora_B.scalar_type()));
       out[4] = d.banked ? dB : dB[0];
     }
     if (n_v) {

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from lorakern import extension
-from lorakern.backends.interface import Grads, Needs, Operands, Problem, adapters_as_x, grads_as
+from lorakern.backends.interface import Grads, Needs, Operands, Problem
 
 __all__ = ["available", "runs_on", "build", "forward", "backward", "dropout_keep"]
 
@@ -138,25 +138,33 @@ def runs_on(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def forward(pb: Problem, op: Operands) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, q) per ARCHITECTURE.md; the op has checked every argument, so the C++ value checks
-    (which sync) are skipped. The C++ checks want one dtype: fp32 adapters beside a half-precision
-    x are rounded to x's dtype here (``adapters_as_x``)."""
-    op = adapters_as_x(op)
+    """(y, q) per ARCHITECTURE.md: y [M, N] in x's dtype, q float32 [M, Ra]. The op has checked
+    every argument, so the C++ value checks (which sync) are skipped.
+
+    x, weight, bias, base_scale: float16, bfloat16 or float32. lora_A / lora_B: x's dtype, or
+    float32 beside a float16 / bfloat16 x (PEFT's default precision); rank_scale / out_scale: x's
+    dtype or the adapters'. With fp32 adapters the base product is cuBLAS's in x's dtype and the
+    adapter branch runs in the kernels in fp32 (adapters loaded as fp32), added with one rounding
+    to x's dtype: PEFT's arithmetic. That path is compiled, not yet run on a GPU.
+    Raises RuntimeError (from the C++ checks) for a tensor off x's device or of another dtype."""
     return _ops().forward(op.x, op.weight, op.bias, op.lora_A, op.lora_B, pb.scaling, op.scaling_g, op.rank_scale,
                           op.rank_idx, op.out_scale, pb.dropout_p, pb.seed, op.adapter_index, op.base_scale,
                           pb.deterministic, False)
 
 
 def backward(pb: Problem, op: Operands, grad_y: torch.Tensor, q: torch.Tensor, needs: Needs) -> Grads:
-    """Gradients per ARCHITECTURE.md; None where ``needs`` is False; fp32 adapters get fp32 gradients
-    (computed with the adapters rounded to x's dtype, as forward)."""
-    given, op = op, adapters_as_x(op)
+    """Gradients per ARCHITECTURE.md, each in its input's dtype; None where ``needs`` is False.
+
+    With fp32 adapters beside a half-precision x (``forward``), dt, dq, dA, dB, du and dv are summed
+    in fp32 by the kernels from the fp32 adapters (dA, dB fp32; du, dv in rank_scale's / out_scale's
+    dtype), and dx is cuBLAS's g W in x's dtype plus the adapter term (fp32) with one rounding.
+    Compiled, not yet run on a GPU."""
     flags = [needs.x, needs.weight, needs.bias, needs.lora_A, needs.lora_B, needs.rank_scale, needs.out_scale,
              needs.base_scale]
     grads = _ops().backward(grad_y, op.x, op.weight, op.lora_A, op.lora_B, pb.scaling, op.scaling_g, op.rank_scale,
                             op.rank_idx, op.out_scale, pb.dropout_p, pb.seed, op.adapter_index, op.base_scale, q,
                             [int(n) for n in flags], pb.deterministic, False)
-    return grads_as(Grads(*(gr if n else None for gr, n in zip(grads, flags))), given)
+    return Grads(*(gr if n else None for gr, n in zip(grads, flags)))
 
 
 def dropout_keep(seed: int, M: int, K: int, dropout_p: float, device) -> torch.Tensor:
