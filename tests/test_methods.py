@@ -223,6 +223,13 @@ def test_adalora_pruned_triplets_keep_their_gradient_and_come_back():
     layer.rank_scale.grad = None
     layer(x).square().sum().backward()
     assert not layer.rank_scale.grad[~layer.rank_mask].any()
+    # the final ranks are compacted once (no host read of the mask per call); a loaded state dict
+    # with another mask re-compacts them
+    assert layer.final_ranks.index.tolist() == layer.rank_mask.nonzero().flatten().tolist()
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    state["rank_mask"] = torch.tensor([True, True, False, False])
+    layer.load_state_dict(state, strict=False)
+    assert layer.final_ranks.index.tolist() == [0, 1]
 
 
 def test_adalora_trains_as_peft_adalora_step_by_step():

@@ -3,10 +3,13 @@ important triplets. Follows the paper and PEFT's ``peft.tuners.adalora`` (``SVDL
 ``RankAllocator``, ``AdaLoraModel.update_and_allocate``)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
 from lorakern.adapters import AdaptedLinear
+from lorakern.batch import ActiveRanks
 from lorakern.methods.base import Method, TargetModules, check_float, check_int
 from lorakern import lora_linear
 
@@ -20,8 +23,10 @@ class SVDLinear(AdaptedLinear):
     Q = A [r, in], all in the weight's dtype.
 
     ``rank_mask`` [r] (bool buffer) records the current allocation (which triplets are kept); the
-    op sees it only once ``mask_in_op`` is set (the final, fixed allocation), so ``E' = E * m``
-    there and ``E' = E`` before. While the budget still moves, a triplet is pruned by zeroing its
+    op sees it only once :meth:`finalize` has run (the final, fixed allocation: ``mask_in_op``), so
+    ``E' = E * m`` there and ``E' = E`` before. ``finalize`` compacts the kept ranks once
+    (``final_ranks``, an :class:`~lorakern.ActiveRanks`, rebuilt when a state dict is loaded), so
+    no call reads the mask on the host. While the budget still moves, a triplet is pruned by zeroing its
     E in place (paper, Sec. 3: the singular value is masked, "pruned triplets can still get
     updated and possibly reactivated"; PEFT's ``mask_to_budget`` does the same), so its E keeps
     its gradient and the next allocation can revive it. Once the allocation is final PEFT zeroes
@@ -37,15 +42,31 @@ class SVDLinear(AdaptedLinear):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.mask_in_op = False
+        self.final_ranks: Optional[ActiveRanks] = None
+        self.register_load_state_dict_post_hook(SVDLinear._refinalize)
 
-    def _op_mask(self):
-        return self.rank_mask if self.mask_in_op else None
+    @property
+    def mask_in_op(self) -> bool:
+        """Whether the allocation is final (the op skips the masked ranks)."""
+        return self.final_ranks is not None
+
+    def finalize(self) -> None:
+        """Fix the allocation: the op skips the ranks ``rank_mask`` drops from now on (one host
+        read of the mask here, none per call). Call it again after changing ``rank_mask``."""
+        self.final_ranks = ActiveRanks(self.rank_mask)
+
+    @staticmethod
+    def _refinalize(module: "SVDLinear", incompatible_keys) -> None:
+        if module.final_ranks is not None:
+            module.finalize()
+
+    def _op_mask(self) -> Optional[ActiveRanks]:
+        return self.final_ranks
 
     def delta_weight(self) -> torch.Tensor:
         """``s * B diag(E') A``, [out, in]: what merging adds to the weight."""
         E = self.rank_scale.float()
-        if self._op_mask() is not None:
+        if self.mask_in_op:
             E = E * self.rank_mask.float()
         return ((self.lora_B.float() * (self.scaling * E)) @ self.lora_A.float()).to(self.weight.dtype)
 
@@ -236,7 +257,8 @@ class AdaLoRA(Method):
                 layer.scores.reset()
         for _, layer in self.layers(self._model):
             _zero_pruned(layer)
-            layer.mask_in_op = True
+            if not layer.mask_in_op:
+                layer.finalize()
 
     def _after_step(self, optimizer: torch.optim.Optimizer, step: int) -> None:
         self.update_and_allocate(step)
