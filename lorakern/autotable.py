@@ -28,8 +28,17 @@ def _device_name(device: torch.device) -> str:
 
 def preference(device: torch.device, dtype: torch.dtype, M: int, K: int, N: int, R: int) -> tuple[str, ...]:
     """Backends in the order ``auto`` tries them for this call."""
-    rows = _load().get(_device_name(device), {}).get(str(dtype).replace("torch.", ""), [])
-    for m_max, name in rows:
+    return order(_device_name(device), str(dtype).replace("torch.", ""), M)
+
+
+def order(device_name: str, dtype: str, M: int) -> tuple[str, ...]:
+    """Backends in the order ``auto`` tries them on a GPU named ``device_name`` for ``dtype``
+    (``"bfloat16"``, ...) and M rows (``lorakern.costmodel`` asks without a GPU).
+
+    >>> order("no such GPU", "bfloat16", 8192)
+    ('triton', 'cuda', 'torch')
+    """
+    for m_max, name in _load().get(device_name, {}).get(dtype, []):
         if M <= m_max:
             return (name,) + tuple(b for b in _DEFAULT if b != name)
     return _DEFAULT

@@ -1,6 +1,6 @@
-"""``lorakern check | bench | demo``: the command line.
+"""``lorakern check | bench | demo | plan``: the command line.
 
-Each subcommand takes its own flags (``lorakern <command> --help``): ``check`` lives here,
+Each subcommand takes its own flags (``lorakern <command> --help``): ``check`` and ``plan`` live here,
 ``bench`` in ``lorakern.benchmark``, ``demo`` in ``lorakern.demo``; this module dispatches and
 turns a missing optional dependency into one line that says what to install.
 
@@ -21,7 +21,7 @@ import torch
 
 from lorakern.extras import MissingDependency, ensure, quiet
 
-__all__ = ["COMMANDS", "check", "main"]
+__all__ = ["COMMANDS", "check", "plan", "main"]
 
 # name: (one line of help, the function "module:attribute" taking argv, optional modules it needs)
 COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -31,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
               "lorakern.benchmark:main", ()),
     "demo": ("fine-tune a small Llama with PEFT LoRA, stock and patched, side by side",
              "lorakern.demo:main", ("peft", "transformers", "tqdm", "matplotlib")),
+    "plan": ("print what each plan launches for a shape: traffic beyond the base GEMMs, host syncs, "
+             "predicted GPU time (no GPU needed)", "lorakern.cli:plan", ()),
 }
 
 
@@ -102,6 +104,52 @@ def check(argv: Optional[Sequence[str]] = None) -> int:
         ms = timing.median_ms(lambda: _fwd_bwd(fn, x), dev)
         print(f"{name:<8} {'ok':<12} {errors['y']:12.2e} {errors['dx']:12.2e} {ms:9.3f} {ms / base_ms:8.2f}")
     return 1 if failed else 0
+
+
+def _plan_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="lorakern plan", description="Print" + COMMANDS["plan"][0].removeprefix("print") + ".",
+        epilog="One adapter, a frozen bias, x, A and B trained (the benchmark's step). Times are predicted by "
+               "lorakern.costmodel (a roofline fitted to run B's H100 measurements), never measured. Passes: "
+               "bytes over M x K / M x N in units of one pass of x's dtype, reads and writes apart; epilogue reads "
+               "(cuBLAS reading the buffer it accumulates onto, beta = 1) are listed apart.")
+    ap.add_argument("--M", type=int, default=8192, help="rows of x (tokens), default 8192")
+    ap.add_argument("--K", type=int, default=4096, help="in-features, default 4096")
+    ap.add_argument("--N", type=int, default=4096, help="out-features, default 4096")
+    ap.add_argument("--r", type=int, default=16, help="LoRA rank, default 16")
+    ap.add_argument("--dropout", type=float, default=0.0, help="dropout probability, default 0")
+    ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                    help="x's dtype, default bfloat16")
+    ap.add_argument("--mixed", action="store_true",
+                    help="fp32 adapters beside a half-precision x (PEFT's default precision)")
+    ap.add_argument("--device", default="NVIDIA H100 80GB HBM3",
+                    help="the GPU whose autotable.json rows decide what auto picks, default the H100's")
+    ap.add_argument("--backend", action="append", choices=("auto", "triton", "torch", "addmm", "base"),
+                    help="a plan to print (repeat for several); default: auto, triton, torch, addmm and base")
+    return ap
+
+
+def plan(argv: Optional[Sequence[str]] = None) -> int:
+    """``lorakern plan [--M M] [--K K] [--N N] [--r R] [--dropout P] ...``: each plan's launches,
+    extra passes, host syncs and predicted time (``lorakern.costmodel``); returns 0."""
+    from lorakern import costmodel
+
+    args = _plan_parser().parse_args(argv)
+    esize = 4 if args.dtype == "float32" else 2
+    shape = (args.M, args.K, args.N, args.r)
+    auto = costmodel.auto_backend(*shape, device=args.device, dtype=args.dtype)
+    print(f"lorakern plan: M={args.M} K={args.K} N={args.N} r={args.r} {args.dtype}"
+          f"{' + fp32 adapters' if args.mixed else ''}, dropout {args.dropout:g}; auto picks {auto} on {args.device} "
+          "(autotable.json); times are predicted (costmodel.CONSTANTS), not measured")
+    base = costmodel.base_plan(*shape, esize=esize)
+    for name in args.backend or ("auto", "triton", "torch", "addmm", "base"):
+        try:
+            p = costmodel.plan(name, *shape, esize=esize, dropout=args.dropout, mixed=args.mixed, device=args.device)
+        except ValueError as e:
+            print(f"{name}: {e}")
+            continue
+        print(("auto = " if name == "auto" else "") + costmodel.describe(p, base=base))
+    return 0
 
 
 def _parser() -> argparse.ArgumentParser:
