@@ -110,6 +110,25 @@ _CHECKS_CHILD = textwrap.dedent("""
     y, q = ops.forward(x, W, None, A3, B3, 1.0, None, None, None, None, 0.0, 0, ai, None, False, False)
     base_only = torch.allclose(y[3], x[3] @ W.T, rtol=1e-4, atol=1e-4) and bool((q[3] == 0).all())
     print("unvalidated ::", "base only" if base_only else "adapter applied", flush=True)
+    # fp32 adapters beside a bf16 x and W (PEFT's default precision)
+    half = [x.bfloat16(), W.bfloat16(), None, A, B, 1.0, None, None, None, None, 0.0, 0, None, None, False]
+    u16, v16 = torch.ones(3, device=d, dtype=torch.bfloat16), torch.ones(7, device=d, dtype=torch.bfloat16)
+    mixed = {"mixed_A": (3, A.double()), "mixed_B": (4, B.bfloat16()), "mixed_u": (7, u16.half())}
+    for name, (i, value) in mixed.items():
+        args = list(half)
+        args[i] = value
+        print(name, end=" :: ", flush=True)
+        try:
+            ops.forward(*args)
+            print("no error", flush=True)
+        except RuntimeError as e:
+            print(str(e).splitlines()[0], flush=True)
+    args = list(half)
+    args[7], args[9] = u16, v16  # half-precision scales beside fp32 adapters: accepted
+    y, q = ops.forward(*args)
+    g = ops.backward(torch.ones_like(y), *args[:2], A, B, 1.0, None, u16, None, v16, 0.0, 0, None, None, q,
+                     [1] * 8, False)
+    print("mixed_ok ::", y.dtype, q.dtype, g[0].dtype, g[3].dtype, g[4].dtype, g[5].dtype, g[6].dtype, flush=True)
 """)
 
 _EXPECTED = {
@@ -124,6 +143,13 @@ _EXPECTED = {
     "base_scale": r"base_scale: expected shape \[7\], got \[3\]",
     "range": r"adapter_index: expected values in \[-1, 2\), got 2",
     "unvalidated": r"base only",  # an out-of-range adapter, unchecked, reads nothing: treated as -1
+    "mixed_A": r"lora_A: expected dtype BFloat16 or Float \(that of x, or float32 beside a half-precision x\), "
+               r"got Double",
+    "mixed_B": r"lora_B: expected dtype Float \(that of lora_A\), got BFloat16",
+    "mixed_u": r"rank_scale: expected dtype BFloat16 or Float \(that of x or of lora_A\), got Half",
+    # y and dx in x's dtype, q float32, dA and dB fp32, du and dv in their own dtype
+    "mixed_ok": r"torch.bfloat16 torch.float32 torch.bfloat16 torch.float32 torch.float32 torch.bfloat16 "
+                r"torch.bfloat16",
 }
 
 
