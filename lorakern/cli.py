@@ -42,19 +42,30 @@ def _fwd_bwd(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Non
     y.backward(torch.ones_like(y))
 
 
+def _command_parser(name: str, epilog: str) -> argparse.ArgumentParser:
+    """The parser of ``lorakern <name>``: its line of COMMANDS as the description (capitalised)."""
+    help_ = COMMANDS[name][0]
+    return argparse.ArgumentParser(prog=f"lorakern {name}", description=help_[0].upper() + help_[1:] + ".",
+                                   epilog=epilog)
+
+
+def _shape_options(ap: argparse.ArgumentParser, dash: str, M: int, K: int, N: int) -> None:
+    """The shape's options ``<dash>M``, ``<dash>K``, ``<dash>N``, ``<dash>r`` (rank 16) with these defaults."""
+    for name, default, what in (("M", M, "rows of x (tokens)"), ("K", K, "in-features"), ("N", N, "out-features"),
+                                ("r", 16, "LoRA rank")):
+        ap.add_argument(dash + name, type=int, default=default, help=f"{what}, default {default}")
+
+
 def _check_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="lorakern check", description="Run" + COMMANDS["check"][0].removeprefix("run") + ".",
-        epilog="One forward and backward with dropout 0.1 and scaling 2 per backend that runs here; a backend that "
+    ap = _command_parser(
+        "check",
+        "One forward and backward with dropout 0.1 and scaling 2 per backend that runs here; a backend that "
                "does not says why. Under TRITON_INTERPRET=1 the triton backend runs in the interpreter on CPU (slow: "
                "use small sizes, -M 64 -K 64 -N 64). Exit status 1 when a backend's error is over tolerance "
                "(lorakern.testing's: docs/contract.md section 5).")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="where to run (default: cuda when there is a GPU, else cpu); bf16 on cuda, fp32 on cpu")
-    ap.add_argument("-M", type=int, default=1024, help="rows of x (tokens), default 1024")
-    ap.add_argument("-K", type=int, default=1024, help="in-features, default 1024")
-    ap.add_argument("-N", type=int, default=1024, help="out-features, default 1024")
-    ap.add_argument("-r", type=int, default=16, help="LoRA rank, default 16")
+    _shape_options(ap, "-", 1024, 1024, 1024)
     return ap
 
 
@@ -107,16 +118,13 @@ def check(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _plan_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="lorakern plan", description="Print" + COMMANDS["plan"][0].removeprefix("print") + ".",
-        epilog="One adapter, a frozen bias, x, A and B trained (the benchmark's step). Times are predicted by "
+    ap = _command_parser(
+        "plan",
+        "One adapter, a frozen bias, x, A and B trained (the benchmark's step). Times are predicted by "
                "lorakern.costmodel (a roofline fitted to run B's H100 measurements), never measured. Passes: "
                "bytes over M x K / M x N in units of one pass of x's dtype, reads and writes apart; epilogue reads "
                "(cuBLAS reading the buffer it accumulates onto, beta = 1) are listed apart.")
-    ap.add_argument("--M", type=int, default=8192, help="rows of x (tokens), default 8192")
-    ap.add_argument("--K", type=int, default=4096, help="in-features, default 4096")
-    ap.add_argument("--N", type=int, default=4096, help="out-features, default 4096")
-    ap.add_argument("--r", type=int, default=16, help="LoRA rank, default 16")
+    _shape_options(ap, "--", 8192, 4096, 4096)
     ap.add_argument("--dropout", type=float, default=0.0, help="dropout probability, default 0")
     ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
                     help="x's dtype, default bfloat16")
