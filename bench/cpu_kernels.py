@@ -7,12 +7,15 @@ fresh draws, fp32, r = 16, dropout 0.1, for 1 and 2 threads (torch.set_num_threa
           ``shrink`` (p = 0.1 minus p = 0) and ``dropout`` (x~ written: what the cpu backend's
           ``kept`` hook makes); torch: ``torch.rand(M, K) >= p`` (the torch backend); peft:
           ``nn.Dropout`` forward (``bernoulli_`` and the multiply).
-- fwd:    the adapter's forward masked pass, q = x~ A^T. ext: ``shrink``; torch: rand, where, mm;
-          peft: nn.Dropout, mm.
-- bwd:    dx += (dq A) * keep / (1 - p) and dA = dq^T x~. ext: ``add_masked_`` + ``masked_At``;
-          torch: rand, where, mm, mm, where, add_ (the torch backend regenerates the mask);
-          peft: the saved dropout output and mask (autograd of nn.Dropout: mul), mm, mm, add_.
-- fwd+bwd: the sum, and the ext's ratio to torch and to peft.
+- fwd:    the adapter's forward masked pass, q = x~ A^T. ext: ``shrink`` (what the cpu backend
+          runs); x~: ``dropout`` (x~ written) then mm (the cpu backend before shrink was wired);
+          torch: rand, where, mm; peft: nn.Dropout, mm.
+- bwd:    dx += (dq A) * keep / (1 - p) and dA = dq^T x~. ext: ``masked_At_add_`` (one pass, what
+          the cpu backend runs); 2 passes: ``add_masked_`` + ``masked_At``; x~: ``dropout``, mm,
+          ``add_masked_`` (the backend before); torch: rand, where, mm, mm, where, add_ (the torch
+          backend regenerates the mask); peft: the saved dropout output and mask (autograd of
+          nn.Dropout: mul), mm, mm, add_.
+- fwd+bwd: the sum (ext, x~, torch, peft), and the ext's ratio to x~, torch and peft.
 
     python bench/cpu_kernels.py [--reps 15] [--shapes 1024x256,1024x704,4096x2048] [--threads 1,2]
                                 [--clock wall|cpu] [--isa avx512|avx2|generic]
@@ -69,6 +72,27 @@ def _torch_bwd(x, A, dq, dx, mask):
     return dA
 
 
+def _xk_fwd(x, A, dq, dx, mask):
+    return torch.mm(cpu_ext.ops().dropout(x, P, SEED), A.T)
+
+
+def _xk_bwd(x, A, dq, dx, mask):
+    ops = cpu_ext.ops()
+    dA = torch.mm(dq.T, ops.dropout(x, P, SEED))
+    ops.add_masked_(dx, dq, A, None, P, SEED)
+    return dA
+
+
+def _ext_bwd(x, A, dq, dx, mask):
+    return cpu_ext.ops().masked_At_add_(dx, dq, x, A, None, P, SEED)
+
+
+def _ext_bwd_two(x, A, dq, dx, mask):
+    ops = cpu_ext.ops()
+    ops.add_masked_(dx, dq, A, None, P, SEED)
+    return ops.masked_At(dq, x, None, P, SEED)
+
+
 def _peft_fwd(x, A, dq, dx, mask):
     return torch.mm(torch.nn.functional.dropout(x, P), A.T)
 
@@ -87,8 +111,9 @@ def run(shapes, threads, reps: int, clock: str, isa: str) -> None:
     print(f"CPU extension: {ops.isa()} (of {', '.join(ops.isas())}); torch {torch.__version__}; fp32, r = {R}, "
           f"p = {P}; ns per element of x, median of {reps}, {clock} clock")
     head = (f"{'shape':>10} {'thr':>3} | {'mask: ext':>9} {'in shrink':>9} {'x~':>5} {'torch':>6} {'peft':>6} | "
-            f"{'fwd: ext':>8} {'torch':>6} {'peft':>6} | {'bwd: ext':>8} {'torch':>6} {'peft':>6} | "
-            f"{'f+b: ext':>8} {'torch':>6} {'peft':>6} {'/torch':>6} {'/peft':>6}")
+            f"{'fwd: ext':>8} {'x~':>5} {'torch':>6} {'peft':>6} | {'bwd: ext':>8} {'2 passes':>8} {'x~':>5} "
+            f"{'torch':>6} {'peft':>6} | {'f+b: ext':>8} {'x~':>5} {'torch':>6} {'peft':>6} | "
+            f"{'ext/x~':>6} {'/torch':>6} {'/peft':>6}")
     print(head)
     print("-" * len(head))
     saved = torch.get_num_threads()
@@ -105,19 +130,15 @@ def run(shapes, threads, reps: int, clock: str, isa: str) -> None:
                 fwd_ext = ns(lambda x, A, *_: ops.shrink(x, A, None, P, SEED))
                 in_shrink = fwd_ext - ns(lambda x, A, *_: ops.shrink(x, A, None, 0.0, SEED))
                 dropped = ns(lambda x, *_: ops.dropout(x, P, SEED))
-                fwd_torch, fwd_peft = ns(_torch_fwd), ns(_peft_fwd)
-
-                def bwd_ext(x, A, dq, dx, mask):
-                    ops.add_masked_(dx, dq, A, None, P, SEED)
-                    return ops.masked_At(dq, x, None, P, SEED)
-
-                bwd_ext_t, bwd_torch, bwd_peft = ns(bwd_ext), ns(_torch_bwd), ns(_peft_bwd)
-                fb = (fwd_ext + bwd_ext_t, fwd_torch + bwd_torch, fwd_peft + bwd_peft)
+                fwd = (fwd_ext, ns(_xk_fwd), ns(_torch_fwd), ns(_peft_fwd))
+                bwd_two = ns(_ext_bwd_two)
+                bwd = (ns(_ext_bwd), ns(_xk_bwd), ns(_torch_bwd), ns(_peft_bwd))
+                fb = [f + b for f, b in zip(fwd, bwd)]
                 print(f"{M:>5}x{K:<4} {t:>3} | {keep_ext:>9.2f} {in_shrink:>9.2f} {dropped:>5.2f} {keep_torch:>6.2f} "
-                      f"{keep_peft:>6.2f} | "
-                      f"{fwd_ext:>8.2f} {fwd_torch:>6.2f} {fwd_peft:>6.2f} | {bwd_ext_t:>8.2f} {bwd_torch:>6.2f} "
-                      f"{bwd_peft:>6.2f} | {fb[0]:>8.2f} {fb[1]:>6.2f} {fb[2]:>6.2f} {fb[0] / fb[1]:>6.2f} "
-                      f"{fb[0] / fb[2]:>6.2f}", flush=True)
+                      f"{keep_peft:>6.2f} | {fwd[0]:>8.2f} {fwd[1]:>5.2f} {fwd[2]:>6.2f} {fwd[3]:>6.2f} | "
+                      f"{bwd[0]:>8.2f} {bwd_two:>8.2f} {bwd[1]:>5.2f} {bwd[2]:>6.2f} {bwd[3]:>6.2f} | "
+                      f"{fb[0]:>8.2f} {fb[1]:>5.2f} {fb[2]:>6.2f} {fb[3]:>6.2f} | "
+                      f"{fb[0] / fb[1]:>6.2f} {fb[0] / fb[2]:>6.2f} {fb[0] / fb[3]:>6.2f}", flush=True)
     finally:
         torch.set_num_threads(saved)
 
