@@ -378,8 +378,8 @@ Tensor masked_At_add_(const Tensor& dx, const Tensor& dq, const Tensor& x, const
   return masked_grads(dq, x, rows, p, seed, dx, A);
 }
 
-// dropout: x~ = x * keep / (1 - p), a new contiguous tensor in x's dtype (for callers that hand a
-// dropped input to torch GEMMs: the portable backend's `kept`). Per row: its keep bits, the masked
+// dropout: x~ = x * keep / (1 - p), a new contiguous tensor in x's dtype (for callers that want x~
+// itself; the cpu backend's passes never write it: bench/cpu_kernels.py times both ways). Per row: its keep bits, the masked
 // row as f32 (into the output row for f32 x, else a row buffer), times 1 / (1 - p) (rounded once
 // to bf16 for bf16 x).
 Tensor dropout(const Tensor& x, double p, int64_t seed) {
