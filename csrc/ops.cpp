@@ -1,6 +1,8 @@
 // The lorakern_cuda op library: schemas, argument checks (mirroring lorakern/ops.py, each
 // naming the argument, what was expected and what was given) and the forward/backward
-// orchestration over cuBLAS (through ATen) and the kernels of kernels.h.
+// orchestration over cuBLAS (through ATen) and the kernels of kernels.h. fp32 adapters beside a
+// float16 / bfloat16 x: cuBLAS computes only the base products (in x's dtype), the kernels the
+// whole adapter branch in fp32 (compiled, not yet run on a GPU).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
