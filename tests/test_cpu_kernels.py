@@ -388,6 +388,28 @@ print("ok")
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("bank", [False, True], ids=["one", "bank"])
+def test_backend_fp32_adapters_beside_bf16_x(ops, p, bank):
+    """The cpu backend's native passes with fp32 adapters beside bf16 x and W (PEFT's default
+    precision), rank mask, one adapter and banks: the adapters' fp32 gradients within fp32 accuracy
+    of the float64 oracle (the passes read bf16 x into f32 and compute in f32), y and dx within
+    the half-precision tolerance."""
+    from lorakern.backends import cpu
+    from lorakern.testing import check_against_oracle, random_problem
+
+    M, K = 70, 301  # x's rows in several row blocks of the passes at p > 0
+    t, kw = random_problem(M, K, 36, 6, G=3 if bank else None, rank_scale="shared", out_scale="shared",
+                           rank_mask="shared", scaling=None if bank else 0.5, dtype=torch.bfloat16)
+    wide, _ = random_problem(M, K, 36, 6, G=3 if bank else None, rank_scale="shared", out_scale="shared", seed=1)
+    t.update({k: wide[k] for k in ("lora_A", "lora_B", "rank_scale", "out_scale")})
+    keep = cpu.dropout_keep(3, M, K, p, "cpu") if p else None
+    r = check_against_oracle(t, kw, backend="cpu", dropout_p=p, seed=3, keep=keep)
+    for name in ("dlora_A", "dlora_B", "drank_scale", "dout_scale"):
+        assert r.outputs[name].dtype == torch.float32, name
+        assert r.errors[name] < 2e-5, (name, r.errors[name])
+
+
 def test_backend_unavailable_without_vector_units(ops, monkeypatch):
     """Only the scalar kernels (no AVX2 / AVX-512): the backend says why, and auto takes the torch path."""
     from lorakern.backends import cpu
