@@ -325,6 +325,31 @@ def test_patch_rejects_a_non_module():
         lkpeft.patch("model")
 
 
+def _patch_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "patch" in r.getMessage()]
+
+
+@pytest.mark.parametrize("lora, reason", [(dict(lora_bias=True), "has lora_bias"),
+                                          (dict(use_dora=True, lora_dropout=0.1), "DoRA adapter 'default' with dropout")])
+def test_patch_counts_only_layers_that_run_fused_and_warns_once(lora, reason, caplog):
+    net = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    model = get_peft_model(net, LoraConfig(r=4, target_modules=["0", "2"], **lora))
+    assert lkpeft.patch(model) == 0 == lkpeft.report(model).fused
+    [warning] = _patch_warnings(caplog)
+    assert "2 of 2 PEFT LoRA layers will not run fused" in warning and reason in warning
+    assert "LoRA layers: 0 fused" in caplog.text  # the INFO table too
+
+
+def test_patch_without_lora_layers_warns(caplog):
+    assert lkpeft.patch(nn.Sequential(nn.Linear(4, 4))) == 0
+    [warning] = _patch_warnings(caplog)
+    assert "no PEFT LoRA layers found in Sequential" in warning
+
+
+def test_patch_of_fusable_layers_does_not_warn(caplog):
+    assert lkpeft.patch(llama()) == 7 * LAYERS and not _patch_warnings(caplog)
+
+
 # --------------------------------------------------------------------------- fallbacks and dtypes
 
 

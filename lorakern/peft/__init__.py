@@ -8,8 +8,11 @@ loads.
 
 Needs ``pip install "lorakern[peft]"`` (PEFT, Mangrulkar et al., github.com/huggingface/peft).
 
-- ``patch(model) -> int``: the PEFT LoRA layers of ``model`` now fused (in place; logs a report at
-  INFO on the ``lorakern.peft`` logger); ``unpatch(model) -> int`` restores PEFT's forward.
+- ``patch(model) -> int``: patches ``model``'s PEFT LoRA layers in place and returns how many now
+  run fused (patched layers whose active adapters the op can fuse; ``report(model).fused``). One
+  WARNING names the layers that will not run fused and why (or that ``model`` has no PEFT LoRA
+  layer); the full report is logged at INFO on the ``lorakern.peft`` loggers.
+  ``unpatch(model) -> int`` restores PEFT's forward and returns the layers restored.
 - ``enable()`` / ``disable()`` / ``is_enabled()``: every PEFT ``lora.Linear`` of the process,
   present and future (for Trainer / TRL scripts that never hold the model).
 - ``report(model) -> Report``: layers fused, the reason for each that is not, calls since patch.

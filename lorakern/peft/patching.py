@@ -3,6 +3,7 @@
 ``patch(model)`` swaps each layer's class to a fused subclass of its PEFT class (``unpatch``
 swaps back); ``enable()`` / ``disable()`` switch PEFT's class forward for the whole process;
 every call is counted per layer, and ``report(model)`` sums the counts with each layer's status.
+``patch`` returns the layers that now run fused (patched, with adapters the op can fuse):
 
 >>> import lorakern.peft
 >>> lorakern.peft.patch(peft_model)   # doctest: +SKIP
@@ -160,35 +161,52 @@ def _is_patched(module: nn.Module) -> bool:
 def patch(model: nn.Module) -> int:
     """Run every PEFT LoRA layer of ``model`` over an ``nn.Linear`` (or GPT-2 ``Conv1D``) fused, in place.
 
-    Returns the number of layers of ``model`` that now run fused (calling it twice is harmless).
-    Layers added later (new target modules) are not covered: patch again, or use ``enable()``.
+    Returns the number of patched layers whose active adapters the op can fuse: the layers that
+    now run fused (a layer patched but holding, say, a ``lora_bias`` adapter counts 0: it runs
+    PEFT's own forward; ``report(model)`` gives the same count as ``.fused``). Calling it twice is
+    harmless. When some LoRA layers will not run fused (an adapter the op has no term for, a layer
+    with its own forward), one WARNING on the ``lorakern.peft.patching`` logger names how many and
+    why; when ``model`` has no PEFT LoRA layer at all, one WARNING says so and 0 is returned. The
+    whole table (``report(model)``) is logged at INFO. Layers added later (new target modules) are
+    not covered: patch again, or use ``enable()``.
+
     Each layer's class becomes a fused subclass of its PEFT class (nothing is stored in the
     layer), so a patched model is freed at ``del``, and ``copy`` / ``deepcopy``, pickling,
     ``torch.save`` and ``nn.DataParallel`` replicas stay patched with their own parameters; it
     works under torch.compile (tensor scalings included), ``torch.func``, ``torch.jit.trace`` and
-    autocast. Raises TypeError when ``model`` is not an ``nn.Module``.
+    autocast. Whether an adapter can be fused is judged in ``model``'s current mode (DoRA with
+    dropout is fused in eval only).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
 
     >>> n = lorakern.peft.patch(peft_model)  # doctest: +SKIP
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    count = 0
-    for name, m in model.named_modules():
+    patched = fused = 0
+    for m in model.modules():
         if not isinstance(m, tuple(_OWN_FORWARD)):
             continue
-        if _is_patched(m):
-            count += 1
-            continue
-        if type(m).forward not in (_OWN_FORWARD.get(type(m), _PEFT_FORWARD), _process_forward):
-            logger.warning("lorakern.peft: %s (%s) has its own forward: left alone", name, type(m).__name__)
-            continue
-        m.__class__ = _fused_class(type(m))
-        count += 1
-    if count and _wrap_adapter_names not in model._forward_pre_hooks.values():
+        if not _is_patched(m):
+            if type(m).forward not in (_OWN_FORWARD.get(type(m), _PEFT_FORWARD), _process_forward):
+                continue  # its own forward: left alone (report() says so)
+            m.__class__ = _fused_class(type(m))
+        patched += 1
+        fused += not _static_reason(m)
+    if patched and _wrap_adapter_names not in model._forward_pre_hooks.values():
         model.register_forward_pre_hook(_wrap_adapter_names, with_kwargs=True)
-    if logger.isEnabledFor(logging.INFO):
-        logger.info("lorakern.peft.patch: %s", report(model))
-    return count
+    rep = report(model)
+    slow = {why: n for why, n in rep.layers.items() if why != FUSED}
+    if not rep.layers:
+        logger.warning("lorakern.peft.patch: no PEFT LoRA layers found in %s: nothing patched "
+                       "(patch the model get_peft_model returns)", type(model).__name__)
+    elif slow:
+        logger.warning("lorakern.peft.patch: %d of %d PEFT LoRA layers will not run fused (PEFT computes them: "
+                       "correct, not faster): %s", sum(slow.values()), sum(rep.layers.values()),
+                       "; ".join(f"{n} x {why}" for why, n in slow.items()))
+    logger.info("lorakern.peft.patch: %s", rep)
+    return fused
 
 
 def unpatch(model: nn.Module) -> int:
