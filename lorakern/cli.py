@@ -21,7 +21,7 @@ import torch
 
 from lorakern.extras import MissingDependency, ensure, quiet
 
-__all__ = ["COMMANDS", "check", "plan", "main"]
+__all__ = ["COMMANDS", "check", "plan", "main", "device"]
 
 # name: (one line of help, the function "module:attribute" taking argv, optional modules it needs)
 COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -30,10 +30,34 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "bench": ("time lorakern beside F.linear, PEFT's layer and the addmm style (bench/README.md)",
               "lorakern.benchmark:main", ()),
     "demo": ("fine-tune a small Llama with PEFT LoRA, stock and patched, side by side",
-             "lorakern.demo:main", ("peft", "transformers", "tqdm", "matplotlib")),
+             "lorakern.demo:main", ("peft", "transformers", "tqdm")),
     "plan": ("print what each plan launches for a shape: traffic beyond the base GEMMs, host syncs, "
              "predicted GPU time (no GPU needed)", "lorakern.cli:plan", ()),
 }
+
+
+def device(text: str) -> torch.device:
+    """``--device``'s type for argparse: ``text`` ("cpu", "cuda", "cuda:N") as a ``torch.device`` this
+    machine has.
+
+    Raises:
+        argparse.ArgumentTypeError: torch cannot parse ``text``, it is neither cpu nor cuda, or it names
+            a CUDA device torch does not see here (argparse prints one line under the usage, exit 2).
+    """
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count()  # 0 without a driver: torch raises only when a device is used
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"expected a device this machine has, got {text!r}: torch sees no "
+                                             "CUDA GPU here (use --device cpu)")
+        if (dev.index or 0) >= count:
+            raise argparse.ArgumentTypeError(f"expected cuda:0 to cuda:{count - 1}, got {text!r}")
+    elif dev.type != "cpu":
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return dev
 
 
 def _fwd_bwd(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> None:
@@ -63,7 +87,7 @@ def _check_parser() -> argparse.ArgumentParser:
                "does not says why. Under TRITON_INTERPRET=1 the triton backend runs in the interpreter on CPU (slow: "
                "use small sizes, -M 64 -K 64 -N 64). Exit status 1 when a backend's error is over tolerance "
                "(lorakern.testing's: docs/contract.md section 5).")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    ap.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
                     help="where to run (default: cuda when there is a GPU, else cpu); bf16 on cuda, fp32 on cpu")
     _shape_options(ap, "-", 1024, 1024, 1024)
     return ap
@@ -79,7 +103,7 @@ def check(argv: Optional[Sequence[str]] = None) -> int:
     from lorakern.testing import check_against_oracle, random_problem
 
     args = _check_parser().parse_args(argv)
-    dev = torch.device(args.device)
+    dev = args.device
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     M, K, N, r = args.M, args.K, args.N, args.r
     t, kw = random_problem(M, K, N, r, scaling=2.0, device=dev, dtype=dtype)

@@ -5,7 +5,9 @@ and fine-tuned with PEFT LoRA on all seven projections, on byte tokens of Python
 library sources (present wherever Python is). The same run happens twice, with the same
 seeds and the same batches in the same order: once with stock PEFT, once patched. It prints
 tokens/s (warm-up steps excluded), the speedup, memory and losses, and plots loss and
-throughput. On a GPU it trains in bf16 (autocast; PEFT keeps fp32 adapters) a larger model.
+throughput when matplotlib is installed (``pip install "lorakern[bench]"``; without it the plot
+is skipped with one line saying so). On a GPU it trains in bf16 (autocast; PEFT keeps fp32
+adapters) a larger model.
 
 >>> from lorakern.demo import main
 >>> main(["--preset", "tiny", "--out", "/tmp/demo.png"])  # doctest: +SKIP
@@ -30,7 +32,10 @@ import torch.distributed as dist
 
 from lorakern.benchmark.measure import saved_storages
 from lorakern.benchmark.timing import Stopwatch
+from lorakern.cli import device as device_arg
+from lorakern.extras import MissingDependency, require
 
+LOSS_TAIL = 10  # the last steps whose mean training loss the table shows
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # model and run sizes (batch: per process); "cpu" finishes both runs in under 5 minutes on 2 cores
@@ -64,7 +69,8 @@ class Run:
 
     @property
     def final_loss(self) -> float:
-        tail = self.losses[-10:]
+        """The mean training loss of the last ``LOSS_TAIL`` steps (all of them when fewer)."""
+        tail = self.losses[-LOSS_TAIL:]
         return sum(tail) / len(tail)
 
 
@@ -177,9 +183,12 @@ def train(name: str, patched: bool, p: dict, args, device: torch.device, train_b
 
 
 def plot(runs: Sequence[Run], path: str, title: str) -> None:
-    """Loss and throughput per step of each run, in one PNG."""
-    import matplotlib
+    """Loss and throughput per step of each run, in one PNG at ``path``.
 
+    Raises:
+        MissingDependency: matplotlib is not installed (``pip install "lorakern[bench]"``).
+    """
+    matplotlib = require("matplotlib", "the demo's plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -216,7 +225,8 @@ def _report(runs: Sequence[Run], p: dict, args, device: torch.device, dtype: tor
          f"{1e3 * statistics.median(ours.step_s[ours.warmup:]):.1f} ms"),
         ("saved activations / step" + each, _mb(stock.saved_bytes), _mb(ours.saved_bytes)),
         ("peak GPU memory" + each, _mb(stock.peak_bytes), _mb(ours.peak_bytes)),
-        ("train loss (last 10 steps)", f"{stock.final_loss:.4f}", f"{ours.final_loss:.4f}"),
+        (f"train loss (last {len(stock.losses[-LOSS_TAIL:])} steps)", f"{stock.final_loss:.4f}",
+         f"{ours.final_loss:.4f}"),
         ("held-out loss", f"{stock.eval_loss:.4f}", f"{ours.eval_loss:.4f}"),
     ]
     print(f"\n{'':<36}{'stock PEFT':>12}{'lorakern':>12}")
@@ -224,11 +234,18 @@ def _report(runs: Sequence[Run], p: dict, args, device: torch.device, dtype: tor
         print(f"{label:<36}{a:>12}{b:>12}")
     print(f"\nspeedup: {speedup:.2f}x tokens/s ({ours.fused_layers} layers fused, "
           f"{ours.fallbacks} calls fell back to PEFT's forward)")
+    if device.type == "cpu":
+        print("  (CPU timings vary from run to run, by tens of percent on a shared or loaded machine; for a "
+              "steadier figure run the demo twice, or with more timed steps, e.g. --steps 120)")
     print("  (dropout masks come from different generators, so the two loss curves agree within noise, "
           "not bit for bit)")
     title = (f"PEFT LoRA r={args.r} on a {p['layers']}-layer Llama, {device.type} {str(dtype)[6:]}: "
              f"lorakern {speedup:.2f}x tokens/s")
-    plot(runs, args.out, title)
+    try:
+        plot(runs, args.out, title)
+    except MissingDependency as e:
+        print(f"plot: skipped: {e}")
+        return
     print(f"plot: {os.path.abspath(args.out)}")
 
 
@@ -238,8 +255,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     Under ``torchrun --nproc-per-node N``, each run is DDP over N processes (nccl on GPUs,
     gloo on CPUs), each training on its share of every batch; rank 0 reports.
     """
-    ap = argparse.ArgumentParser(prog="lorakern demo", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    ap = argparse.ArgumentParser(
+        prog="lorakern demo", description="Fine-tune a small Llama with PEFT LoRA twice, stock and through "
+        "lorakern.peft.patch, on the same batches; print tokens/s, memory and losses of both.")
+    ap.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
                     help="where to train (default: cuda when there is a GPU, else cpu)")
     ap.add_argument("--preset", choices=sorted(PRESETS), help="model and run size (default: by device)")
     ap.add_argument("--steps", type=int, help="training steps per run (default: the preset's)")
@@ -247,13 +266,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads (default 1: these small matmuls gain little from more, and on a shared "
                          "machine several threads wait on each other)")
-    ap.add_argument("--r", type=int, default=16, help="LoRA rank")
-    ap.add_argument("--dropout", type=float, default=0.1, help="LoRA dropout")
+    ap.add_argument("--r", type=int, default=16, help="LoRA rank (default 16; lora_alpha is 2r)")
+    ap.add_argument("--dropout", type=float, default=0.1, help="LoRA dropout probability (default 0.1)")
     ap.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default 2e-3)")
     ap.add_argument("--seed", type=int, default=0, help="seed of weights, batches and dropout (default 0)")
-    ap.add_argument("--out", default="demo.png", help="where to write the plot")
+    ap.add_argument("--out", default="demo.png",
+                    help='where to write the plot (default demo.png; needs matplotlib: pip install "lorakern[bench]")')
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
+    device = args.device
     p = dict(PRESETS[args.preset or ("gpu" if device.type == "cuda" else "cpu")])
     p["steps"] = args.steps or p["steps"]
     p["warmup"] = p["warmup"] if args.warmup is None else args.warmup

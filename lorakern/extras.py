@@ -2,7 +2,8 @@
 
 ``pip install lorakern`` brings torch and triton only. The demo and the PEFT integration need
 ``pip install "lorakern[peft]"`` (peft, transformers); ``lorakern bench`` compares against PEFT
-and plots with ``pip install "lorakern[bench]"``; ``"lorakern[all]"`` installs both.
+and plots (``bench --plot``, the demo's plot) with ``pip install "lorakern[bench]"``;
+``"lorakern[all]"`` installs both. The demo runs without matplotlib and says how to get its plot.
 
 >>> import pytest
 >>> with pytest.raises(MissingDependency, match=r'pip install "lorakern\\[peft\\]"'):

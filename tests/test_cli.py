@@ -52,8 +52,50 @@ def test_missing_dependency_says_what_to_install(capsys, monkeypatch):
         monkeypatch.setitem(sys.modules, module, None)
     assert cli.main(["demo", "--preset", "tiny"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("lorakern demo: lorakern demo needs peft, matplotlib")
-    assert 'pip install "lorakern[peft,bench]"' in err and "Traceback" not in err
+    assert err.startswith("lorakern demo: lorakern demo needs peft,")  # matplotlib only for the plot
+    assert 'pip install "lorakern[peft]"' in err and "Traceback" not in err
+
+
+def test_demo_runs_without_matplotlib_and_says_how_to_get_the_plot(capsys, monkeypatch, tmp_path):
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    png = tmp_path / "demo.png"
+    assert cli.main(["demo", "--preset", "tiny", "--steps", "4", "--warmup", "1", "--out", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "speedup:" in out and not png.exists()
+    assert "train loss (last 4 steps)" in out  # the steps it averaged, not a fixed 10
+    assert "CPU timings vary from run to run" in out
+    [skip] = [line for line in out.splitlines() if line.startswith("plot:")]
+    assert skip.startswith("plot: skipped") and 'pip install "lorakern[bench]"' in skip
+
+
+@pytest.mark.parametrize("command", ["check", "demo"])
+@pytest.mark.parametrize("device, expected", [("cuda:99", "expected "), ("tpu", "expected cpu, cuda or cuda:N")])
+def test_a_device_this_machine_lacks_is_one_line_and_exit_2(command, device, expected, capsys):
+    if command == "demo":
+        pytest.importorskip("peft")
+        pytest.importorskip("transformers")
+    assert cli.main([command, "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert f"argument --device: {expected}" in err and repr(device) in err and "Traceback" not in err
+
+
+def test_bench_plot_without_matplotlib_fails_before_running(capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert cli.main(["bench", "--device", "cpu", "--shapes", "8x16x16x4", "--plot", str(tmp_path / "b.png")]) == 1
+    out, err = capsys.readouterr()
+    assert "lorakern bench --plot needs matplotlib" in err and 'pip install "lorakern[bench]"' in err
+    assert "lorakern bench on" not in out  # nothing ran
+
+
+def test_bench_always_times_base(capsys):
+    assert cli.main(["bench", "--device", "cpu", "--shapes", "8x16x16x4", "--providers", "lorakern-torch",
+                     "--modes", "fwd", "--variants", "plain", "--dropout", "0", "--cpu-budget-s", "0.05"]) == 0
+    out = capsys.readouterr().out
+    assert "providers base, lorakern-torch" in out
+    [row] = [line for line in out.splitlines() if line.startswith("fwd ")]
+    assert row.split()[6] != "-"  # base's ms: the ratios have their denominator
 
 
 def test_quiet_drops_third_party_warnings_and_log_lines(caplog, recwarn):

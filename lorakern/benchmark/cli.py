@@ -6,6 +6,8 @@
     lorakern bench --show bench/results/h100.json
 
 Exit status: 0, 1 when a gate failed (``lorakern.benchmark.gates``), 2 on a usage error.
+``--plot`` without matplotlib raises ``MissingDependency`` before anything runs (``lorakern
+bench`` prints what to install and exits 1).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from lorakern.benchmark.cases import MODES, VARIANTS, Case, Shape, group_key, se
 from lorakern.benchmark.measure import Settings, run
 from lorakern.benchmark.providers import PROVIDERS, available_providers, default_dtype
 from lorakern.benchmark.records import dtype_name
+from lorakern.extras import require
 
 __all__ = ["parser", "main", "print_plan"]
 
@@ -67,7 +70,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--dropout", type=_parse_list(float), default=(0.0, 0.1),
                     help="dropout probabilities of the plain variant (default 0,0.1)")
     ap.add_argument("--variants", type=_parse_list(str), default=VARIANTS, help=f"subset of {','.join(VARIANTS)}")
-    ap.add_argument("--providers", type=_parse_list(str), help=f"subset of {','.join(PROVIDERS)}")
+    ap.add_argument("--providers", type=_parse_list(str),
+                    help=f"subset of {','.join(PROVIDERS)}; base is always timed (every ratio is to it)")
     ap.add_argument("--part", type=_parse_part, help="k/n: the k-th of n parts of the (shape, mode) groups")
     ap.add_argument("--warmup-ms", type=int, default=25, help="GPU: warm-up per timing, ms (default 25)")
     ap.add_argument("--rep-ms", type=int, default=100, help="GPU: timed runs per timing, ms (default 100)")
@@ -118,7 +122,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.dry_run:
         print_plan(cases, device, dtype)
         return 0
-    wanted = args.providers or PROVIDERS
+    if args.plot:  # before the run, not after it
+        require("matplotlib", "lorakern bench --plot")
+    wanted = list(dict.fromkeys(["base", *(args.providers or PROVIDERS)]))
     runnable, why = available_providers(device, dtype)
     providers = [p for p in wanted if p in runnable]
     skipped = {p: [reason] for p, reason in why.items() if p in wanted}
