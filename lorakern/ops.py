@@ -12,7 +12,7 @@ from typing import Optional, Union
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from lorakern import backends, differentiable
+from lorakern import backends, differentiable, eager
 from lorakern.backends.interface import Grads, Needs, Operands, Problem, qdtype
 from lorakern.batch import ActiveRanks, AdapterBatch
 from lorakern.checks import check_args
@@ -377,6 +377,16 @@ def lora_linear(
     >>> lorakern.lora_linear(x, W, None, bank_A, bank_B, adapter_index=torch.tensor([0, 2, -1, 1])).shape
     torch.Size([4, 16])
     """
+    # torch.compile, torch.jit.trace (which must record the registered op), meta, fake and subclass
+    # tensors take the registered op
+    direct = (not torch.compiler.is_compiling() and not torch.jit.is_tracing() and isinstance(x, torch.Tensor)
+              and x.device.type != "meta" and all(type(t) in _PLAIN for t in (x, weight, lora_A, lora_B)))
+    if direct and type(dropout_p) in (float, int) and dropout_p == 0 and rank_scale is None and rank_mask is None \
+            and out_scale is None and adapter_index is None and base_scale is None and seed is None \
+            and (deterministic is None or type(deterministic) is bool):  # the plainest call: autograd's own ops
+        y = eager.call(x, weight, bias, lora_A, lora_B, scaling, backend)
+        if y is not None:
+            return y
     dt = autocast_dtype(x)
     if dt is not None:
         x, weight, bias, lora_A, lora_B, rank_scale, out_scale, base_scale = (
@@ -423,11 +433,7 @@ def lora_linear(
         adapter_index, row_order, adapter_rows = batch.index, batch.order, batch.rows
 
     lead = x.shape[:-1]
-    x2 = x.reshape(M, K)
-    # torch.compile, torch.jit.trace (which must record the registered op), meta, fake and subclass
-    # tensors take the registered op
-    direct = (not torch.compiler.is_compiling() and not torch.jit.is_tracing() and x2.device.type != "meta"
-              and all(type(t) in _PLAIN for t in (x2, weight, lora_A, lora_B)))
+    x2 = x if x.dim() == 2 else x.reshape(M, K)
     if not direct and _has_tangent(x2, weight, bias, lora_A, lora_B, rank_scale, out_scale, base_scale):
         raise NotImplementedError("lora_linear: forward-mode AD (a dual tensor) through the registered op, which "
                                   "torch.compile, torch.jit.trace, the meta device and tensor subclasses take, "

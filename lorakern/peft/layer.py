@@ -72,27 +72,30 @@ def _quantized_classes() -> dict:
 
 
 _OWN_FORWARD = {PeftLoraLinear: _PEFT_FORWARD, **_quantized_classes()}  # PEFT layer class -> PEFT's forward
-_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
 def _plain(module: nn.Module) -> bool:
-    """No hooks and no per-instance forward: calling it is exactly its class's forward."""
-    return "forward" not in module.__dict__ and not any(getattr(module, h, None) for h in _HOOKS)
+    """No hooks and no per-instance forward: calling it is exactly its class's forward (read from the
+    instance dict: every fused call asks it of four modules)."""
+    d = module.__dict__
+    return "forward" not in d and not (d.get("_forward_hooks") or d.get("_forward_pre_hooks")
+                                       or d.get("_backward_hooks") or d.get("_backward_pre_hooks"))
 
 
-def _base_weight(base: nn.Module) -> Optional[torch.Tensor]:
-    """The base layer's weight as [out, in] (a view), or None where the base cannot be fused."""
+def _base_weight(base: nn.Module) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The base layer's (weight as [out, in] (a view), bias), or (None, None) where the base cannot be
+    fused."""
     if isinstance(base, nn.Linear) and type(base).forward is nn.Linear.forward:
-        w = base.weight
+        w = base._parameters.get("weight")
         weight = w
     elif Conv1D is not None and isinstance(base, Conv1D) and type(base).forward is Conv1D.forward:
-        w = base.weight  # [in, out]: Conv1D computes x @ w + b
-        weight = w.T
+        w = base._parameters.get("weight")  # [in, out]: Conv1D computes x @ w + b
+        weight = None if w is None else w.T
     else:
-        return None
+        return None, None
     if type(w) not in (torch.Tensor, nn.Parameter) or not w.is_floating_point() or not _plain(base):
-        return None
-    return weight
+        return None, None
+    return weight, base._parameters.get("bias")
 
 
 def _dropout_p(module: nn.Module) -> Optional[float]:
@@ -105,9 +108,9 @@ def _dropout_p(module: nn.Module) -> Optional[float]:
 
 
 def _is_dora(layer: PeftLoraLinear, name: str) -> bool:
-    variant = getattr(layer, "lora_variant", {}).get(name)
-    return getattr(layer, "use_dora", {}).get(name, False) and (
-        variant is None or type(variant).__name__ == "DoraLinearVariant")
+    d = layer.__dict__
+    variant = d.get("lora_variant", {}).get(name)
+    return d.get("use_dora", {}).get(name, False) and (variant is None or type(variant).__name__ == "DoraLinearVariant")
 
 
 def _dora_ratio(layer: PeftLoraLinear, name: str, x: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -122,12 +125,16 @@ def _dora_ratio(layer: PeftLoraLinear, name: str, x: torch.Tensor, scaling: floa
 def _adapter(layer: PeftLoraLinear, name: str, x: torch.Tensor) -> tuple[Any, str]:
     """``((A, B, scaling, p, dora), "")`` for adapter ``name`` of ``layer``, or ``(None, reason)``."""
     dora = _is_dora(layer, name)
-    if name in getattr(layer, "lora_variant", {}) and not dora:
+    d, mods = layer.__dict__, layer._modules  # plain dict reads: nn.Module.__getattr__ costs a microsecond each
+    if name in d.get("lora_variant", {}) and not dora:
         return None, f"adapter {name!r} is a LoRA variant other than DoRA"
-    if getattr(layer, "lora_bias", {}).get(name, False):
+    if d.get("lora_bias", {}).get(name, False):
         return None, f"adapter {name!r} has lora_bias"
-    a, b, drop = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
-    if type(a) is not nn.Linear or type(b) is not nn.Linear or a.bias is not None or b.bias is not None:
+    a, b, drop = (mods[k]._modules[name] for k in ("lora_A", "lora_B", "lora_dropout"))
+    if type(a) is not nn.Linear or type(b) is not nn.Linear:
+        return None, f"adapter {name!r} is not a pair of bias-free nn.Linear"
+    pa, pb = a._parameters, b._parameters
+    if pa.get("bias") is not None or pb.get("bias") is not None:
         return None, f"adapter {name!r} is not a pair of bias-free nn.Linear"
     if not (_plain(a) and _plain(b) and _plain(drop)):
         return None, f"adapter {name!r} has hooks"
@@ -136,8 +143,8 @@ def _adapter(layer: PeftLoraLinear, name: str, x: torch.Tensor) -> tuple[Any, st
         return None, f"adapter {name!r} has dropout module {type(drop).__name__}"
     if dora and p > 0 and layer.training:
         return None, f"DoRA adapter {name!r} with dropout in training (PEFT drops the base path's input too)"
-    A, B = a.weight, b.weight
-    if x is not None and (A.device != x.device or B.device != x.device):
+    A, B = pa["weight"], pb["weight"]
+    if x is not None and (A.device != x.device or B.device != A.device):
         return None, f"adapter {name!r} is on {A.device}, x on {x.device}"
     s = layer.scaling[name]  # a tensor (PEFT's compiled hot-swapping) stays one: no host read, no guard
     return (A, B, s if isinstance(s, torch.Tensor) else float(s), p, dora), ""
@@ -149,6 +156,8 @@ def _dtype_reason(x: torch.Tensor, weight: Optional[torch.Tensor], As, Bs, dora:
     DoRA in one dtype throughout."""
     if weight is not None and weight.dtype != x.dtype:
         return f"x in {str(x.dtype)[6:]}, base weight in {str(weight.dtype)[6:]}, outside autocast"
+    if len(As) == 1 and As[0].dtype == Bs[0].dtype == x.dtype:
+        return ""
     ad = {t.dtype for t in (*As, *Bs)}
     if len(ad) > 1 or next(iter(ad)) not in adapter_dtypes(x.dtype):
         dts = ", ".join(sorted(str(d)[6:] for d in ad))
@@ -189,20 +198,21 @@ def _as_one_adapter(As, Bs, scalings, device) -> tuple:
 def fused_forward(layer: PeftLoraLinear, x: torch.Tensor, args: tuple, kwargs: dict) -> tuple[Optional[torch.Tensor], str]:
     """``(y, "")`` computed by the op, or ``(None, reason)`` when PEFT's own forward must run."""
     adapter_names = kwargs.get("adapter_names")
-    if args or any(v is not None for k, v in kwargs.items() if k != "adapter_names"):
+    if args or (kwargs and any(v is not None for k, v in kwargs.items() if k != "adapter_names")):
         return None, "extra forward arguments"
     if layer.disable_adapters or layer.merged:
         return None, "adapters disabled or merged: the base alone runs"
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < (1 if adapter_names is None else 2):
         return None, "x is not a floating tensor of the right rank"
-    weight = _base_weight(layer.base_layer)  # None: the base layer runs itself (_on_base_output)
+    weight, bias = _base_weight(layer._modules["base_layer"])  # None: the base runs itself (_on_base_output)
     if weight is not None and weight.device != x.device:
         return None, f"base weight on {weight.device}, x on {x.device}"
+    loras = layer._modules["lora_A"]
     if adapter_names is None:
-        names = [n for n in layer.active_adapters if n in layer.lora_A]
+        names = [n for n in layer.active_adapters if n in loras]
     else:
         layer._check_forward_args(x, adapter_names=adapter_names)
-        names = [n for n in dict.fromkeys(adapter_names) if n in layer.lora_A]
+        names = [n for n in dict.fromkeys(adapter_names) if n in loras]
     if not names:
         return None, "no adapter applies: the base alone runs"
     adapters = []
@@ -224,7 +234,6 @@ def fused_forward(layer: PeftLoraLinear, x: torch.Tensor, args: tuple, kwargs: d
         if any(doras) or adapter_names is not None:
             return None, "DoRA or adapter_names over a base layer the op cannot compute"
         return _on_base_output(layer, x, As, Bs, scalings, ps)
-    bias = layer.base_layer.bias
     if adapter_names is not None:
         return _mixed_batch(x, weight, bias, names, As, Bs, scalings, ps, adapter_names)
     if doras[0]:
