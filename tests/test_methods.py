@@ -34,7 +34,7 @@ R = 4
 METHODS = {
     "lora": lambda: LoRA(r=R, lora_alpha=8, target_modules=SEVEN),
     "rslora": lambda: LoRA(r=R, lora_alpha=8, target_modules=SEVEN, use_rslora=True),
-    "pissa": lambda: LoRA(r=R, lora_alpha=8, target_modules=SEVEN, init="pissa"),
+    "pissa": lambda: LoRA(r=R, lora_alpha=8, target_modules=SEVEN, init_lora_weights="pissa"),
     "tied-tl5": lambda: TiedLoRA(r=R, target_modules=SEVEN, trainable="TL5"),
     "tied-tl6": lambda: TiedLoRA(r=R, target_modules=SEVEN),
     "pissa-fast": lambda: LoRA(r=R, lora_alpha=8, target_modules=SEVEN, init_lora_weights="pissa_niter_2"),
@@ -744,7 +744,20 @@ def test_pissa_fast_svd_as_peft_pissa_niter():
     fast, full = layers["pissa_niter_4"], layers["pissa"]
     assert rel(fast.weight + fast.delta_weight(), W) < 1e-6
     assert rel(fast.lora_B @ fast.lora_A, full.lora_B @ full.lora_A) < 2e-3  # 4 subspace iterations
-    assert rel(fast.weight, W) > 0.1 and LoRA(init_lora_weights=True).init == "kaiming"
+    assert rel(fast.weight, W) > 0.1
+
+
+@pytest.mark.parametrize("kw, expected", [({}, True), (dict(init="kaiming"), True), (dict(init="gaussian"), "gaussian"),
+                                          (dict(init_lora_weights=False), False),
+                                          (dict(init_lora_weights="gaussian", init="gaussian"), "gaussian")])
+def test_init_lora_weights_as_peft_and_init_as_its_alias(kw, expected):
+    assert LoRA(**kw).init_lora_weights == expected
+
+
+def test_init_lora_weights_false_starts_both_factors_random_as_peft():
+    torch.manual_seed(0)
+    layer = LoRA(r=4, target_modules=["0"], init_lora_weights=False).apply(nn.Sequential(nn.Linear(16, 8)))[0]
+    assert layer.lora_A.abs().sum() > 0 and layer.lora_B.abs().sum() > 0  # the update is nonzero at the start
 
 
 # --------------------------------------------------------------------------- state dicts
@@ -785,13 +798,16 @@ def test_state_dict_round_trip(name):
 @pytest.mark.parametrize("make, exc, needle", [
     (lambda: LoRA(r=0), ValueError, "r:"),
     (lambda: LoRA(lora_dropout=1.0), ValueError, "lora_dropout"),
-    (lambda: LoRA(init="svd"), ValueError, "init"),
+    (lambda: LoRA(init="svd"), ValueError, "init: expected one of"),
+    (lambda: LoRA(init_lora_weights="svd"), ValueError, "init_lora_weights: expected True, False"),
+    (lambda: LoRA(init="pissa", init_lora_weights="gaussian"), ValueError, "init: expected it unset or equal"),
     (lambda: TiedLoRA(trainable="AX"), ValueError, "trainable"),
     (lambda: TiedLoRA(trainable="A"), ValueError, "trainable"),
     (lambda: AdaLoRA(init_r=4, target_r=6, total_step=10), ValueError, "target_r"),
     (lambda: AdaLoRA(total_step=10, tinit=8, tfinal=2), ValueError, "tinit"),
     (lambda: RefLoRA(variant="x"), ValueError, "variant"),
-    (lambda: CGLoRA(init="pissa"), ValueError, "init"),
+    (lambda: CGLoRA(init_lora_weights="pissa"), ValueError, "init_lora_weights: expected True, False or 'gaussian'"),
+    (lambda: RefLoRA(re_init=True, init_lora_weights=False), ValueError, "re_init: expected init_lora_weights=True"),
 ])
 def test_bad_hyperparameters_name_the_argument(make, exc, needle):
     with pytest.raises(exc, match=needle):

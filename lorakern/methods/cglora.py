@@ -84,7 +84,7 @@ class CGLoRA(LoRA):
     gradients are taken as the row count times the gradient of each batch's mean loss (exact for a
     loss that is a mean over the layer's rows). Without ``initialize`` this is plain LoRA. Layers
     are ``LoRALinear`` (A [r, in], B [out, r] in the weight's dtype; statistics in float64). Takes
-    LoRA's keyword arguments besides (``init`` must stay ``"kaiming"`` or ``"gaussian"``); raises
+    LoRA's keyword arguments besides (``init_lora_weights`` True, False or ``"gaussian"``: not PiSSA); raises
     ValueError for bad arguments, for ``r > min(in, out)`` and for batches that give a layer no
     gradient.
 
@@ -101,9 +101,9 @@ class CGLoRA(LoRA):
 
     def __init__(self, *, damping: float = 1e-3, shift: bool = True, step: Optional[float] = None, **kwargs) -> None:
         super().__init__(**kwargs)
-        if self.init.startswith("pissa"):
-            raise ValueError(f"init: expected 'kaiming' or 'gaussian' for CGLoRA (it sets the factors itself), "
-                             f"got {self.init!r}")
+        if str(self.init_lora_weights).startswith("pissa"):
+            raise ValueError(f"init_lora_weights: expected True, False or 'gaussian' for CGLoRA (it sets the factors "
+                             f"itself), got {self.init_lora_weights!r}")
         self.damping = check_float("damping", damping, 0.0, float("inf"))
         if not isinstance(shift, bool):
             raise TypeError(f"shift: expected a bool, got {type(shift).__name__}")

@@ -68,7 +68,7 @@ class RefLoRA(LoRA):
     post-step hook rebalances A and B by a scalar and rescales Adam's (or SGD's) moments to match.
     Either acts at steps ``warmup_steps, warmup_steps + interval, ...`` (0-based; the reference's
     counter, except that its RefLoRA-S counts one call at ``integrate_into_optimizer`` and so
-    acts one step earlier). ``re_init=True`` (``init`` must be ``"kaiming"``) starts from
+    acts one step earlier). ``re_init=True`` (``init_lora_weights`` must be True) starts from
     kaiming-uniform A and B with the base shifted by ``-s B A``. Layers are ``LoRALinear`` (A [r, in],
     B [out, r]; S and its inverse [r, r] in float64). Takes LoRA's keyword arguments besides; raises
     ValueError for bad values.
@@ -91,9 +91,9 @@ class RefLoRA(LoRA):
         self.interval = check_int("interval", interval, 1)
         if not isinstance(re_init, bool):
             raise TypeError(f"re_init: expected a bool, got {type(re_init).__name__}")
-        if re_init and self.init != "kaiming":
-            raise ValueError(f"re_init: expected init='kaiming' with re_init=True (the reference re-initializes "
-                             f"only then), got init={self.init!r}")
+        if re_init and self.init_lora_weights is not True:
+            raise ValueError(f"re_init: expected init_lora_weights=True with re_init=True (the reference "
+                             f"re-initializes only then), got init_lora_weights={self.init_lora_weights!r}")
         self.re_init = re_init
         self.eps = check_float("eps", eps, 0.0, float("inf"))
 

@@ -33,7 +33,6 @@ except ImportError as e:  # pragma: no cover - peft is an optional dependency
 __all__ = ["save_peft"]
 
 PREFIX = "base_model.model."  # what PEFT's state dict keys start with (PeftModel -> tuner -> model)
-_INIT_FLAG = {"kaiming": True}  # LoRA.init -> init_lora_weights where the names differ (PEFT: True)
 _UNSUPPORTED = {
     TiedLoRA: "PEFT has no Tied-LoRA: its A and B are one parameter shared by all layers of a name, scaled per "
               "layer by u and v, which no PEFT config describes",
@@ -52,7 +51,7 @@ def _targets(method: Method) -> Union[str, list[str]]:
 def _lora(method: LoRA, model: nn.Module) -> Exported:
     config = LoraConfig(r=method.r, lora_alpha=method.lora_alpha, lora_dropout=method.lora_dropout,
                         target_modules=_targets(method), use_rslora=method.use_rslora,
-                        init_lora_weights=_INIT_FLAG.get(method.init, method.init), use_dora=isinstance(method, DoRA))
+                        init_lora_weights=method.init_lora_weights, use_dora=isinstance(method, DoRA))
     tensors = {}
     for name, layer in method.layers(model):
         tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A
@@ -109,7 +108,7 @@ def save_peft(method: Method, model: nn.Module, path: Union[str, os.PathLike], *
     model's ``name_or_path``. ``PeftModel.from_pretrained(base, path)`` then computes what
     ``model`` computes, ``base`` being the model before ``apply``, except:
 
-    - ``LoRA(init="pissa")``: the config says ``init_lora_weights="pissa"``, as PEFT's own save
+    - ``LoRA(init_lora_weights="pissa")``: the config says ``init_lora_weights="pissa"``, as PEFT's own save
       does, and PEFT recomputes the residual base from the original weights while loading;
     - ``CGLoRA``: saved as LoRA only with ``allow_shifted_base=True``, and loads correctly only onto
       the shifted base ``W0 - s B0 A0``, i.e. the targeted layers' frozen ``weight`` in ``model``;
