@@ -353,9 +353,10 @@ def lora_linear(
         treated as a constant (detached).
 
     Mixed precision: with float32 adapters beside a half-precision x, the adapter branch is
-    computed in float32 (the ``torch`` backend; ``triton`` and ``cuda`` round the adapters to x's
-    dtype first), added to the base product and rounded once, and the adapters' gradients are
-    float32. Under autocast the op casts what autocast casts for ``F.linear``. A base layer the op
+    computed in float32 in every backend (``triton``: its fold-in plan; ``cuda``: its kernels,
+    compiled but not yet run on a GPU), added to the base product and rounded once, and the
+    adapters' gradients are float32 (``triton`` with ``base_scale``, DoRA, still rounds the
+    adapters to x's dtype first). Under autocast the op casts what autocast casts for ``F.linear``. A base layer the op
     cannot compute (quantized, hooked): :func:`lorakern.lora_update`.
 
     Raises:
