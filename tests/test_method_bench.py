@@ -67,3 +67,18 @@ def test_allocation_regression_and_claims(quick):
     assert {"Tied-LoRA 2311.09578", "IGU-LoRA 2603.13792", "RefLoRA 2505.18877", "CG-LoRA 2603.29824"} <= papers
     assert all(c["verdict"] in ("consistent", "NOT consistent") and c["measured"] for c in result["claims"])
     assert "Claims" in stdout and os.path.getsize(out / "methods.png") > 10_000
+    # a quick run's verdicts mean nothing: printed unjudged, under one line that says so
+    assert result["claims_judged"] is False and "quick run: too few steps to judge the claims" in stdout
+    assert "consistent]" not in stdout and stdout.count("[not judged]") == len(result["claims"])
+
+
+def test_claims_print_verdicts_only_when_judged():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import methods
+    finally:
+        sys.path.remove(os.path.join(ROOT, "bench"))
+    found = [{"paper": "P", "claim": "c", "measured": "m", "verdict": "NOT consistent"}]
+    assert methods.claim_lines(found, judged=True) == ["  [NOT consistent] P: c", "      measured: m"]
+    assert methods.claim_lines(found, judged=False) == [f"  {methods.QUICK_NOTE}", "  [not judged] P: c",
+                                                        "      measured: m"]
