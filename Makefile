@@ -32,8 +32,9 @@ test-interpret: $(STAMP)
 	TRITON_INTERPRET=1 $(VPY) -m pytest -q -m interpret
 
 # On a GPU machine whose system python already has torch, triton and the test packages:
-# no venv, no installs.
+# no venv, no installs. Without torch or a CUDA GPU it says which and fails (a CPU run would only skip).
 gpu-check:  # the gpu tier only; bash bench/gpu_run.sh quick: the default paths' tier and the benchmark in 10 min
+	@$(PYTHON) bench/need_torch.py --cuda "make gpu-check"
 	PYTHONPATH=$(CURDIR) $(PYTHON) -m pytest -q -m "gpu" tests
 
 # the CPU benchmark suite with its gates, then lorakern bench --quick on the best device here (targets
@@ -46,6 +47,7 @@ bench: $(STAMP)
 # On a GPU machine (system python, no installs): a fresh quick run against bench/results/<gpu>.json;
 # fails when a lorakern backend is more than 10% slower (median) than the committed figures
 bench-compare:
+	@$(PYTHON) bench/need_torch.py --cuda "make bench-compare"
 	mkdir -p out
 	PYTHONPATH=$(CURDIR) $(PYTHON) -m lorakern.cli bench --quick --json out/bench-fresh.json
 	PYTHONPATH=$(CURDIR) $(PYTHON) bench/compare.py out/bench-fresh.json

@@ -39,9 +39,10 @@ case "$WHAT" in
     all|tests|bench|tune) DEVICE=cuda; SHARD_TIMEOUT=${SHARD_TIMEOUT:-480} ;;
     *) echo "gpu_run: unknown stage '$WHAT' (quick, quick-dry, all, tests, bench, tune)" >&2; exit 2 ;;
 esac
+# says which is missing: torch in $PY, or (not for quick-dry) a CUDA device its torch sees
+$PY bench/need_torch.py $([ "$DEVICE" = cpu ] || echo --cuda) "bash bench/gpu_run.sh $WHAT" || exit 2
 GPU=$($PY -c "import torch; from lorakern.benchmark import device_slug; print(device_slug(torch.device('$DEVICE')))") \
-    && { [ "$DEVICE" = cpu ] || $PY -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; } \
-    || { echo "gpu_run: no CUDA device visible to $PY's torch" >&2; exit 2; }
+    || exit 2
 [ "$DEVICE" = cpu ] || nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
 $PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
 echo "device $GPU, commit ${LORAKERN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}"

@@ -3,6 +3,7 @@ install, and ``lorakern check``'s table without third-party noise."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from lorakern import cli, extras
 
@@ -119,3 +121,27 @@ def test_check_prints_one_row_per_backend():
     assert "auto picks" in lines[0]
     assert [line.split()[0] for line in lines[2:]] == ["F.linear", *backends.NAMES]
     assert "No CUDA runtime" not in run.stdout + run.stderr and "Warning" not in run.stdout + run.stderr
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(cmd: list[str], **env) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make here")
+def test_make_gpu_check_says_what_is_missing_and_fails():
+    no_torch = _run(["make", "gpu-check", f"PYTHON={sys.executable} -S"])  # -S: no site-packages, no torch
+    assert no_torch.returncode != 0 and "make gpu-check needs a CUDA GPU and a python with torch" in no_torch.stderr
+    assert "has no torch" in no_torch.stderr and "pytest" not in no_torch.stdout
+    if not torch.cuda.is_available():
+        no_gpu = _run(["make", "gpu-check", f"PYTHON={sys.executable}"])
+        assert no_gpu.returncode != 0 and "sees no CUDA GPU" in no_gpu.stderr and "skipped" not in no_gpu.stdout
+
+
+def test_gpu_run_names_a_python_without_torch(tmp_path):
+    run = _run(["bash", "bench/gpu_run.sh", "quick-dry"], PYTHON=f"{sys.executable} -S", OUT=str(tmp_path))
+    assert run.returncode == 2
+    assert "needs a python with torch" in run.stderr and "has no torch" in run.stderr
+    assert "no CUDA device" not in run.stderr
