@@ -119,3 +119,17 @@ def test_readme_extras_exist():
     extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
     named = set(re.findall(r'(?:lorakern|\.)\[(\w+)\]', README.read_text()))
     assert named and named <= extras, f"README names extras pyproject.toml lacks: {sorted(named - extras)}"
+
+
+DOCS = [README, ROOT / "ARCHITECTURE.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "bench").glob("*.md"))]
+REPO_PATH = re.compile(r"((?:\.\./)*(?:bench|docs|lorakern|tests|csrc)/[\w./-]*\w)(\*?)")
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_docs_stand_alone_without_the_tracker_or_files_outside_the_clone(doc):
+    text = doc.read_text()
+    numbered = re.findall(r"\bissues? \d+|\bissue-\d+|\.\./shared/", text, re.I)
+    assert not numbered, f"{doc.name} points to the tracker or outside the repository: {numbered}"
+    for ref, glob in REPO_PATH.findall(text):
+        if not glob:  # a glob names build outputs (lorakern/_lorakern_cuda*.so)
+            assert (ROOT / ref).exists() or (doc.parent / ref).exists(), f"{doc.name} names {ref}, which a clone lacks"
