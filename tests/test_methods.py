@@ -24,6 +24,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from lorakern.methods import AdaLoRA, CGLoRA, DoRA, IGULoRA, LoRA, RefLoRA, TiedLoRA, VeRA  # noqa: E402
 from lorakern.methods.reflora import balancing_matrix  # noqa: E402
+from lorakern.testing import rel_err  # noqa: E402
 
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LAYERS = 2
@@ -60,11 +61,6 @@ def llama(seed: int = 0) -> LlamaForCausalLM:
 def batch(seed: int) -> dict:
     ids = torch.randint(0, CFG["vocab_size"], (4, 16), generator=torch.Generator().manual_seed(seed))
     return {"input_ids": ids, "labels": ids}
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert torch.isfinite(a).all() and torch.isfinite(b).all()
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def shapes() -> dict[str, tuple[int, int]]:
@@ -204,7 +200,7 @@ def test_adalora_pruned_triplets_keep_their_gradient_and_come_back():
         m.allocate(m.budget(3)[0])  # all-zero scores: PEFT's rule prunes them all
     assert layer.rank_mask is mask and not mask.any() and not layer.rank_scale.any()
     x = torch.randn(5, 64)
-    assert rel(layer(x), x @ layer.weight.T) < 1e-6  # E = 0: the pruned triplets are gone
+    assert rel_err(layer(x), x @ layer.weight.T) < 1e-6  # E = 0: the pruned triplets are gone
     layer(x).square().sum().backward()
     assert (layer.rank_scale.grad != 0).all()  # ... but E still learns
     opt = torch.optim.SGD([layer.rank_scale], lr=0.1)
@@ -215,7 +211,7 @@ def test_adalora_pruned_triplets_keep_their_gradient_and_come_back():
         revived = layer.rank_scale[2].item()
         m.allocate(1)
     assert layer.rank_mask.tolist() == [False, False, True, False] and layer.rank_scale[2].item() == revived
-    assert rel(layer(x), x @ layer.weight.T
+    assert rel_err(layer(x), x @ layer.weight.T
                + layer.scaling * ((x @ layer.lora_A.T) * (layer.rank_scale * mask)) @ layer.lora_B.T) < 1e-5
     assert not layer.mask_in_op
     m.update_and_allocate(m.total_step - m.tfinal)  # the final allocation: from here the op skips pruned ranks
@@ -266,7 +262,7 @@ def test_adalora_trains_as_peft_adalora_step_by_step():
             pruned_and_back |= {(n, i) for i, kept in enumerate(layer.rank_mask.tolist()) if not kept}
     for n, layer in m.layers(ours):
         their_E = inner.get_submodule(n).lora_E["default"].flatten()
-        assert rel(layer.rank_scale, their_E) < 1e-3 and rel(layer.lora_A, inner.get_submodule(n).lora_A["default"]) < 1e-3
+        assert rel_err(layer.rank_scale, their_E) < 1e-3 and rel_err(layer.lora_A, inner.get_submodule(n).lora_A["default"]) < 1e-3
     assert pruned_and_back and m.active_ranks(ours) == 4 * len(m.layers(ours))
 
 
@@ -285,9 +281,9 @@ def test_merge_matches_the_unmerged_output_and_unmerge_restores(name):
     with torch.no_grad():
         want = layer(x)
         layer.merge()
-        assert rel(layer(x), want) < 1e-5 and rel(layer.weight, W) > 1e-3
+        assert rel_err(layer(x), want) < 1e-5 and rel_err(layer.weight, W) > 1e-3
         layer.unmerge()
-        assert rel(layer.weight, W) < 1e-6 and rel(layer(x), want) < 1e-6
+        assert rel_err(layer.weight, W) < 1e-6 and rel_err(layer(x), want) < 1e-6
 
 
 def test_igulora_runs_each_step_at_a_point_of_the_path_and_retrains():
@@ -304,7 +300,7 @@ def test_igulora_runs_each_step_at_a_point_of_the_path_and_retrains():
         A_before = layer.lora_A.detach().clone()
         opt.step()
         if step == 3:  # the budget is final: the kept triplets restart, their optimizer state dropped
-            assert layer.lora_A not in opt.state and rel(layer.lora_A, A_before) > 0.5
+            assert layer.lora_A not in opt.state and rel_err(layer.lora_A, A_before) > 0.5
             assert m.active_ranks(model) == 2 * LAYERS
             assert torch.allclose(layer.rank_scale, torch.where(layer.rank_mask, 0.1, 0.0))
         opt.zero_grad()
@@ -326,8 +322,8 @@ def test_igulora_path_point_scales_the_product_by_alpha_cubed():
         layer.lora_B.normal_()
     x = torch.randn(3, 64)
     update = layer.scaling * ((x @ layer.lora_A.T) * layer.rank_scale) @ layer.lora_B.T
-    assert rel(layer.train()(x), x @ layer.weight.T + m.alpha ** 3 * update) < 1e-5
-    assert rel(layer.eval()(x), x @ layer.weight.T + update) < 1e-5
+    assert rel_err(layer.train()(x), x @ layer.weight.T + m.alpha ** 3 * update) < 1e-5
+    assert rel_err(layer.eval()(x), x @ layer.weight.T + update) < 1e-5
 
 
 def test_igulora_pruned_triplets_keep_their_gradient():
@@ -482,13 +478,13 @@ def test_parity_with_peft(name):
     loss_ours = out_ours.loss + m.regularization(ours)
     with torch.no_grad():
         plain = llama()(**data).logits
-    assert rel(out_ours.logits, out_theirs.logits) < 1e-5
-    assert rel(out_ours.logits, plain) > 1e-3  # the adapters matter
+    assert rel_err(out_ours.logits, out_theirs.logits) < 1e-5
+    assert rel_err(out_ours.logits, plain) > 1e-3  # the adapters matter
     assert abs(loss_ours.item() - out_theirs.loss.item()) < 1e-5 * abs(out_theirs.loss.item())
     loss_ours.backward()
     out_theirs.loss.backward()
     for ours_t, theirs_t in pairs:
-        assert rel(ours_t.grad, theirs_t.grad.reshape(ours_t.shape)) < 1e-5
+        assert rel_err(ours_t.grad, theirs_t.grad.reshape(ours_t.shape)) < 1e-5
     if name == "vera":
         bank = m.layers(ours)[0][1].bank
         assert torch.equal(bank.lora_A, theirs.base_model.vera_A["default"])
@@ -558,11 +554,11 @@ def test_reflora_full_step_is_the_step_in_the_balanced_factorization():
         layer.lora_B.normal_()
     A, B = layer.lora_A.detach().clone(), layer.lora_B.detach().clone()
     S, S_inv = balancing_matrix(A, B, eps=0.0)
-    assert rel(S @ A @ A.T @ S, B.T @ B) < 1e-10 and rel(S @ S_inv, torch.eye(3, dtype=torch.float64)) < 1e-10
+    assert rel_err(S @ A @ A.T @ S, B.T @ B) < 1e-10 and rel_err(S @ S_inv, torch.eye(3, dtype=torch.float64)) < 1e-10
 
     P = _psd_pow(S, -0.5)  # the refactoring B' = B P, A' = P^-1 A: balanced, same product
     A1, B1 = torch.linalg.solve(P, A), B @ P
-    assert rel(A1 @ A1.T, B1.T @ B1) < 1e-10 and rel(B1 @ A1, B @ A) < 1e-12
+    assert rel_err(A1 @ A1.T, B1.T @ B1) < 1e-10 and rel_err(B1 @ A1, B @ A) < 1e-12
 
     lr = 0.05
     opt = torch.optim.SGD(net.parameters(), lr=lr)
@@ -573,8 +569,8 @@ def test_reflora_full_step_is_the_step_in_the_balanced_factorization():
     opt.step()
     # the gradient at the refactored point, stepped there: g_A' = P g_A, g_B' = g_B P^-1
     want = (B1 - lr * gB @ torch.linalg.inv(P)) @ (A1 - lr * P @ gA)
-    assert rel(layer.lora_B.detach() @ layer.lora_A.detach(), want) < 1e-10
-    assert rel(layer.lora_B.detach() @ layer.lora_A.detach(), (B - lr * gB) @ (A - lr * gA)) > 1e-6
+    assert rel_err(layer.lora_B.detach() @ layer.lora_A.detach(), want) < 1e-10
+    assert rel_err(layer.lora_B.detach() @ layer.lora_A.detach(), (B - lr * gB) @ (A - lr * gA)) > 1e-6
 
 
 def test_reflora_s_rebalance_keeps_BA_and_rescales_adam_moments():
@@ -598,12 +594,12 @@ def test_reflora_s_rebalance_keeps_BA_and_rescales_adam_moments():
     m.rebalance(opt)
     for n, layer in m.layers(net):
         A, B, c = layer.lora_A, layer.lora_B, scale[n]
-        assert rel(B @ A, before[n]) < 1e-12
+        assert rel_err(B @ A, before[n]) < 1e-12
         assert abs(A.norm().item() - B.norm().item()) < 1e-12 * B.norm().item()
         for p, f in ((A, c), (B, 1 / c)):
             old = moments[id(p)]
-            assert rel(opt.state[p]["exp_avg"], old["exp_avg"] / f) < 1e-14
-            assert rel(opt.state[p]["exp_avg_sq"], old["exp_avg_sq"] / f ** 2) < 1e-14
+            assert rel_err(opt.state[p]["exp_avg"], old["exp_avg"] / f) < 1e-14
+            assert rel_err(opt.state[p]["exp_avg_sq"], old["exp_avg_sq"] / f ** 2) < 1e-14
 
 
 # --------------------------------------------------------------------------- CG-LoRA
@@ -645,9 +641,9 @@ def test_cglora_b0a0_is_the_rank_r_curvature_whitened_step():
     m, net, W0, b, X, Y, *_ = _regression(shift=True, step=0.5)
     layer = net[0]
     D = _whitened_step(W0, b, X, Y, r=3, damping=1e-2)
-    assert rel(layer.scaling * layer.lora_B @ layer.lora_A, 0.5 * D) < 1e-9
+    assert rel_err(layer.scaling * layer.lora_B @ layer.lora_A, 0.5 * D) < 1e-9
     assert torch.allclose(layer.lora_B.norm(dim=0), layer.lora_A.norm(dim=1))  # balanced per rank
-    assert rel(layer.weight + layer.scaling * layer.lora_B @ layer.lora_A, W0) < 1e-12  # shifted: unchanged
+    assert rel_err(layer.weight + layer.scaling * layer.lora_B @ layer.lora_A, W0) < 1e-12  # shifted: unchanged
 
 
 def test_cglora_no_shift_starts_one_step_along_it():
@@ -655,7 +651,7 @@ def test_cglora_no_shift_starts_one_step_along_it():
     m, net, W0, b, X, Y, batches, loss_fn, before = _regression(shift=False, step=0.2)
     layer = net[0]
     assert torch.equal(layer.weight, W0)
-    assert rel(layer.weight + layer.scaling * layer.lora_B @ layer.lora_A, W0 + 0.2 * _whitened_step(W0, b, X, Y, r=3, damping=1e-2)) < 1e-9
+    assert rel_err(layer.weight + layer.scaling * layer.lora_B @ layer.lora_A, W0 + 0.2 * _whitened_step(W0, b, X, Y, r=3, damping=1e-2)) < 1e-9
     with torch.no_grad():
         assert sum(loss_fn(net, bt) for bt in batches).item() < before - 1e-3
 
@@ -670,11 +666,11 @@ def test_cglora_shifted_model_gives_the_same_output_at_step_zero():
     m.initialize(model, [batch(1), batch(2)])
     with torch.no_grad():
         after = model(input_ids=probe).logits
-    assert rel(after, before) < 1e-5
+    assert rel_err(after, before) < 1e-5
     for n, layer in m.layers(model):
         assert layer.lora_A.grad is None and layer.lora_B.grad is None
-        assert rel(layer.weight, W0[n]) > 1e-3  # the base did move, by -s B0 A0
-        assert rel(layer.weight + layer.delta_weight(), W0[n]) < 1e-5
+        assert rel_err(layer.weight, W0[n]) > 1e-3  # the base did move, by -s B0 A0
+        assert rel_err(layer.weight + layer.delta_weight(), W0[n]) < 1e-5
     largest = max(float(layer.lora_B.norm(dim=0).max()) for _, layer in m.layers(model))
     assert largest == pytest.approx(1.0, rel=1e-5)  # step=None: the model's largest factor column has norm 1
 
@@ -694,7 +690,7 @@ def test_reflora_warmup_interval_and_re_init_as_the_reference():
         m = RefLoRA(r=3, target_modules=["0"], warmup_steps=2, interval=3, re_init=True, variant=variant)
         model = m.apply(copy.deepcopy(net))
         layer = model[0]
-        assert layer.lora_B.abs().min() > 0 and rel(model(x), before) < 1e-12 and rel(layer.weight, net[0].weight) > 1e-3
+        assert layer.lora_B.abs().min() > 0 and rel_err(model(x), before) < 1e-12 and rel_err(layer.weight, net[0].weight) > 1e-3
         calls = []
         setattr(m, hook, lambda *args: calls.append(m.step))
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -742,9 +738,9 @@ def test_pissa_fast_svd_as_peft_pissa_niter():
             lin.weight.copy_(W)
         layers[init] = LoRA(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=init).apply(nn.Sequential(lin))[0]
     fast, full = layers["pissa_niter_4"], layers["pissa"]
-    assert rel(fast.weight + fast.delta_weight(), W) < 1e-6
-    assert rel(fast.lora_B @ fast.lora_A, full.lora_B @ full.lora_A) < 2e-3  # 4 subspace iterations
-    assert rel(fast.weight, W) > 0.1
+    assert rel_err(fast.weight + fast.delta_weight(), W) < 1e-6
+    assert rel_err(fast.lora_B @ fast.lora_A, full.lora_B @ full.lora_A) < 2e-3  # 4 subspace iterations
+    assert rel_err(fast.weight, W) > 0.1
 
 
 @pytest.mark.parametrize("kw, expected", [({}, True), (dict(init="kaiming"), True), (dict(init="gaussian"), "gaussian"),
