@@ -1,9 +1,10 @@
 """The CPU extension (csrc/cpu/): the adapter branch's masked passes with the dropout mask made in SIMD lanes.
 
-It registers ``torch.ops.lorakern_cpu.{shrink, add_masked_, masked_At, dropout, dropout_keep, isa, isas}``
-(csrc/cpu/ops.cpp says what each computes). It is built on first use with ninja
+It registers ``torch.ops.lorakern_cpu.{shrink, add_masked_, masked_At, masked_At_add_, dropout, dropout_keep,
+isa, isas}`` (csrc/cpu/ops.cpp says what each computes). It is built on first use with ninja
 (``torch.utils.cpp_extension.load``, into torch's extension folder, about half a minute on 2
-cores) and loaded from there afterwards; it is rebuilt when a source is newer than the library.
+cores) and loaded from there afterwards; the library's name carries a hash of its sources, so
+changed sources build a new one.
 Without a C++ compiler (and no library built before) it is unavailable and callers use the torch path.
 
 >>> from lorakern import cpu_ext
