@@ -46,20 +46,19 @@ from lorakern.triton import configs
 __all__ = ["Traffic", "Launch", "Passes", "Plan", "PEAK_TFLOPS", "BW_TBS", "Constants", "CONSTANTS",
            "triton_plan", "torch_plan", "addmm_plan", "base_plan", "plan", "auto_backend", "predict_ms", "fit"]
 
-PEAK_TFLOPS = 798.0  # H100 SXM, bf16 dense, as measured (../shared/GPU.md)
-BW_TBS = 3.0  # H100 SXM HBM3, as measured
+PEAK_TFLOPS, BW_TBS = 798.0, 3.0  # H100 SXM: bf16 dense TFLOP/s and HBM3 TB/s, as measured (bench/NOTES.md)
 
 
 class Constants(NamedTuple):
-    """The fitted figures of the time model."""
+    """The fitted figures of the time model: ``gemm_eff``, ``bw_eff`` and ``launch_us`` from
+    :func:`fit` over run B's base, addmm and torch records (bench/results/h100.json);
+    ``epilogue_exposed`` assumed (half of an epilogue read shows), not measured yet."""
     gemm_eff: float  # a big GEMM's fraction of PEAK_TFLOPS
     bw_eff: float  # a memory-bound launch's fraction of BW_TBS
     launch_us: float  # per launch: its fixed cost on the GPU (tail, ramp), graph-replayed
     epilogue_exposed: float  # the fraction of an epilogue read's time that the GEMM does not hide
 
 
-# gemm_eff, bw_eff, launch_us: fit() over run B's base, addmm and torch records (bench/results/h100.json);
-# epilogue_exposed: assumed (half of an epilogue read shows), not measured yet. bench/NOTES.md
 CONSTANTS = Constants(gemm_eff=0.89, bw_eff=0.85, launch_us=2.5, epilogue_exposed=0.5)
 
 
@@ -396,14 +395,9 @@ def comparable(records: Sequence[dict]) -> list[dict]:
     """The records a fit may use: providers with a model (base, addmm, lorakern-torch), one adapter,
     no mask, bf16, and only rows measured as CUDA graphs or GPU-bound (M >= 8192 or the base at
     its size): eager rows below that are bound by host dispatch, which the model leaves out."""
-    out = []
-    for rec in records:
-        if rec["provider"] not in _PROVIDERS or rec.get("masked") or rec.get("adapters") or rec["dtype"] != "bfloat16":
-            continue
-        if not rec.get("cuda_graph") and rec["M"] < 8192 and rec["provider"] != "base":
-            continue
-        out.append(rec)
-    return out
+    return [rec for rec in records
+            if rec["provider"] in _PROVIDERS and not rec.get("masked") and not rec.get("adapters")
+            and rec["dtype"] == "bfloat16" and (rec.get("cuda_graph") or rec["M"] >= 8192 or rec["provider"] == "base")]
 
 
 def _record_plan(rec: dict) -> tuple[Plan, str]:
