@@ -197,7 +197,9 @@ def test_add_masked(ops, isa, gen, dtype, layout, rows_kind, p):
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("dtype,layout,rows_kind", CASES, ids=[_case_id(c) for c in CASES])
 def test_masked_At(ops, isa, gen, dtype, layout, rows_kind, p):
-    for M, K, Ra, seed, x, _, rows in _draws(gen, dtype, layout, rows_kind):
+    """masked_At against float64; masked_At_add_ (one pass, each row's mask made once) gives its dA
+    and add_masked_'s dx, bit for bit."""
+    for M, K, Ra, seed, x, A, rows in _draws(gen, dtype, layout, rows_kind):
         m = M if rows is None else len(rows)
         dq = randn(gen, m, Ra)
         xk = x.double() * _keep(ops, seed, M, K, p) / (1 - p)
@@ -205,21 +207,11 @@ def test_masked_At(ops, isa, gen, dtype, layout, rows_kind, p):
         dA = ops.masked_At(dq, x, rows, p, seed)
         assert dA.dtype == torch.float32 and dA.shape == (Ra, K)
         assert rel_err(dA, want) < TOL[dtype], (M, K, Ra)
-
-
-@pytest.mark.parametrize("p", [0.0, 0.3])
-@pytest.mark.parametrize("dtype,layout,rows_kind", CASES, ids=[_case_id(c) for c in CASES])
-def test_masked_At_add(ops, isa, gen, dtype, layout, rows_kind, p):
-    """masked_At_add_ (one pass, each row's mask made once): masked_At's dA and add_masked_'s dx, bit for bit."""
-    for M, K, Ra, seed, x, A, rows in _draws(gen, dtype, layout, rows_kind):
-        m = M if rows is None else len(rows)
-        dq = randn(gen, m, Ra)
         dx = _x(gen, M, K, dtype, layout)
-        want = torch.empty_strided(dx.shape, dx.stride(), dtype=dtype).copy_(dx)  # dx's layout: the same row passes
-        ops.add_masked_(want, dq, A, rows, p, seed)
-        dA = ops.masked_At_add_(dx, dq, x, A, rows, p, seed)
-        assert torch.equal(dA, ops.masked_At(dq, x, rows, p, seed)), (M, K, Ra)
-        assert torch.equal(dx, want), (M, K, Ra)
+        want_dx = torch.empty_strided(dx.shape, dx.stride(), dtype=dtype).copy_(dx)  # dx's layout: the same row passes
+        ops.add_masked_(want_dx, dq, A, rows, p, seed)
+        assert torch.equal(ops.masked_At_add_(dx, dq, x, A, rows, p, seed), dA), (M, K, Ra)
+        assert torch.equal(dx, want_dx), (M, K, Ra)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])

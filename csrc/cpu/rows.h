@@ -75,22 +75,23 @@ inline uint16_t f32_to_bf16(float f) {
   return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
+// A row element as f32, and an f32 stored as one: T is float, or uint16_t holding bfloat16 bits
+// (rounded once, f32_to_bf16).
+inline float as_f32(float f) { return f; }
+inline float as_f32(uint16_t h) { return bf16_to_f32(h); }
+inline void put_f32(float* d, float f) { *d = f; }
+inline void put_f32(uint16_t* d, float f) { *d = f32_to_bf16(f); }
+
 // The scalar forms of the Isa passes over columns [k0, K): the generic table, and the vector
 // tables' tails.
-inline void mask_f32_from(const float* src, const uint32_t* bits, float* dst, int64_t k0, int64_t K) {
-  for (int64_t k = k0; k < K; ++k) dst[k] = kept(bits, k) ? src[k] : 0.f;
+template <class T>
+inline void mask_from(const T* src, const uint32_t* bits, float* dst, int64_t k0, int64_t K) {
+  for (int64_t k = k0; k < K; ++k) dst[k] = kept(bits, k) ? as_f32(src[k]) : 0.f;
 }
-inline void mask_bf16_from(const uint16_t* src, const uint32_t* bits, float* dst, int64_t k0, int64_t K) {
-  for (int64_t k = k0; k < K; ++k) dst[k] = kept(bits, k) ? bf16_to_f32(src[k]) : 0.f;
-}
-inline void add_f32_from(float* dst, const float* src, float scale, const uint32_t* bits, int64_t k0, int64_t K) {
+template <class T>
+inline void add_from(T* dst, const float* src, float scale, const uint32_t* bits, int64_t k0, int64_t K) {
   for (int64_t k = k0; k < K; ++k)
-    if (kept(bits, k)) dst[k] += scale * src[k];
-}
-inline void add_bf16_from(uint16_t* dst, const float* src, float scale, const uint32_t* bits, int64_t k0,
-                          int64_t K) {
-  for (int64_t k = k0; k < K; ++k)
-    if (kept(bits, k)) dst[k] = f32_to_bf16(bf16_to_f32(dst[k]) + scale * src[k]);
+    if (kept(bits, k)) put_f32(dst + k, as_f32(dst[k]) + scale * src[k]);
 }
 
 // Philox-4x32-10 over NV registers of V::LANES counters c, c + 1, ... (V::LANES * NV of them).

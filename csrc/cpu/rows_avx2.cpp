@@ -49,14 +49,14 @@ struct V256 {
     const __m256i b = _mm256_set1_epi32((int)((bits[k >> 5] >> (k & 31)) & 0xFFu));
     return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(b, sel), sel));
   }
-  static F loadf(const float* p) { return _mm256_loadu_ps(p); }
-  static void storef(float* p, F v) { _mm256_storeu_ps(p, v); }
-  static F load_bf16(const uint16_t* p) {
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static F load(const uint16_t* p) {
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
   }
   // nearest even, NaN -> 0x7FC0 (rows.h's f32_to_bf16)
-  static void store_bf16(uint16_t* p, F v) {
+  static void store(uint16_t* p, F v) {
     const __m256i u = _mm256_castps_si256(v);
     const __m256i bias = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)),
                                           _mm256_set1_epi32(0x7FFF));

@@ -40,14 +40,14 @@ struct V512 {
   using Mask = __mmask16;
   static constexpr int W = 16;
   static Mask keep(const uint32_t* bits, int64_t k) { return (Mask)(bits[k >> 5] >> (k & 31)); }
-  static F loadf(const float* p) { return _mm512_loadu_ps(p); }
-  static void storef(float* p, F v) { _mm512_storeu_ps(p, v); }
-  static F load_bf16(const uint16_t* p) {
+  static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static F load(const uint16_t* p) {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   }
   // nearest even, NaN -> 0x7FC0 (rows.h's f32_to_bf16)
-  static void store_bf16(uint16_t* p, F v) {
+  static void store(uint16_t* p, F v) {
     const __m512i u = _mm512_castps_si512(v);
     const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)),
                                           _mm512_set1_epi32(0x7FFF));

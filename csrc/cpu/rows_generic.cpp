@@ -20,20 +20,18 @@ void keep_bits(const Stream& s, int64_t row, uint32_t* bits) {
   }
 }
 
-void mask_f32(const float* src, const uint32_t* bits, float* dst, int64_t K) { mask_f32_from(src, bits, dst, 0, K); }
-void mask_bf16(const uint16_t* src, const uint32_t* bits, float* dst, int64_t K) {
-  mask_bf16_from(src, bits, dst, 0, K);
+template <class T>
+void mask(const T* src, const uint32_t* bits, float* dst, int64_t K) {
+  mask_from(src, bits, dst, 0, K);
 }
-void add_f32(float* dst, const float* src, float scale, const uint32_t* bits, int64_t K) {
-  add_f32_from(dst, src, scale, bits, 0, K);
-}
-void add_bf16(uint16_t* dst, const float* src, float scale, const uint32_t* bits, int64_t K) {
-  add_bf16_from(dst, src, scale, bits, 0, K);
+template <class T>
+void add(T* dst, const float* src, float scale, const uint32_t* bits, int64_t K) {
+  add_from(dst, src, scale, bits, 0, K);
 }
 
 }  // namespace
 
-const Isa kGeneric = {"generic", keep_bits, mask_f32, mask_bf16, add_f32, add_bf16};
+const Isa kGeneric = {"generic", keep_bits, mask<float>, mask<uint16_t>, add<float>, add<uint16_t>};
 
 }  // namespace cpu
 }  // namespace lorakern

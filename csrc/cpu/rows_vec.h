@@ -8,7 +8,8 @@
 //   spread(x) -> uint32_t             pair i of those bits moved to bits 4i, 4i + 1
 //   F, W                              a vector of W floats
 //   Mask, keep(bits, k)               the keep decisions of the W columns at k (k % W == 0)
-//   loadf, storef, load_bf16, store_bf16, set1f, fmadd, select(m, a, b) (a where kept, else b)
+//   load / store of W floats or W bfloat16s (uint16_t bits, stored rounded once), set1f, fmadd,
+//   select(m, a, b) (a where kept, else b)
 //
 // keep_bits: NV = 4 registers of LANES Philox counters per step (4 * LANES * NV columns; four
 // independent registers cover the multiply latency), all state in registers; each register's
@@ -45,40 +46,28 @@ struct VecRows {
     }
   }
 
-  static void mask_f32(const float* src, const uint32_t* bits, float* dst, int64_t K) {
+  // T: float, or uint16_t holding bfloat16 bits (rows.h's as_f32 / put_f32)
+  template <class T>
+  static void mask(const T* src, const uint32_t* bits, float* dst, int64_t K) {
     int64_t k = 0;
-    for (; k + V::W <= K; k += V::W) V::storef(dst + k, V::select(V::keep(bits, k), V::loadf(src + k), V::set1f(0.f)));
-    mask_f32_from(src, bits, dst, k, K);
+    for (; k + V::W <= K; k += V::W) V::store(dst + k, V::select(V::keep(bits, k), V::load(src + k), V::set1f(0.f)));
+    mask_from(src, bits, dst, k, K);
   }
 
-  static void mask_bf16(const uint16_t* src, const uint32_t* bits, float* dst, int64_t K) {
-    int64_t k = 0;
-    for (; k + V::W <= K; k += V::W)
-      V::storef(dst + k, V::select(V::keep(bits, k), V::load_bf16(src + k), V::set1f(0.f)));
-    mask_bf16_from(src, bits, dst, k, K);
-  }
-
-  static void add_f32(float* dst, const float* src, float scale, const uint32_t* bits, int64_t K) {
+  template <class T>
+  static void add(T* dst, const float* src, float scale, const uint32_t* bits, int64_t K) {
     const typename V::F sc = V::set1f(scale);
     int64_t k = 0;
     for (; k + V::W <= K; k += V::W) {
-      const typename V::F d = V::loadf(dst + k);
-      V::storef(dst + k, V::select(V::keep(bits, k), V::fmadd(V::loadf(src + k), sc, d), d));
+      const typename V::F d = V::load(dst + k);
+      V::store(dst + k, V::select(V::keep(bits, k), V::fmadd(V::load(src + k), sc, d), d));
     }
-    add_f32_from(dst, src, scale, bits, k, K);
+    add_from(dst, src, scale, bits, k, K);
   }
 
-  static void add_bf16(uint16_t* dst, const float* src, float scale, const uint32_t* bits, int64_t K) {
-    const typename V::F sc = V::set1f(scale);
-    int64_t k = 0;
-    for (; k + V::W <= K; k += V::W) {
-      const typename V::F d = V::load_bf16(dst + k);
-      V::store_bf16(dst + k, V::select(V::keep(bits, k), V::fmadd(V::loadf(src + k), sc, d), d));
-    }
-    add_bf16_from(dst, src, scale, bits, k, K);
+  static constexpr Isa table(const char* name) {
+    return {name, keep_bits, mask<float>, mask<uint16_t>, add<float>, add<uint16_t>};
   }
-
-  static constexpr Isa table(const char* name) { return {name, keep_bits, mask_f32, mask_bf16, add_f32, add_bf16}; }
 };
 
 }  // namespace
