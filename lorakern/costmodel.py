@@ -248,9 +248,8 @@ def triton_plan(M: int, K: int, N: int, r: int, *, esize: int = 2, dropout: floa
 
 
 def _mask_launches(s: _Sizes, what: str) -> list:
-    """torch's keep-mask and x~ (backends/portable.py): rand (fp32), >= p, where."""
-    return [Launch("aten.rand", f"U [M, K] fp32 ({what})", (), (Traffic("U", s.M, s.K, 4, "MK"),)),
-            Launch("aten.ge", "keep = U >= p", (Traffic("U", s.M, s.K, 4, "MK"),), (Traffic("keep", s.M, s.K, 1, "MK"),)),
+    """torch's keep-mask and x~ (backends/portable.py): bernoulli_ into bool, where."""
+    return [Launch("aten.bernoulli_", f"keep [M, K] bool ({what})", (), (Traffic("keep", s.M, s.K, 1, "MK"),)),
             Launch("aten.where", "x~ = keep ? x : 0", (s.x(), Traffic("keep", s.M, s.K, 1, "MK")), (s.x("x~"),))]
 
 

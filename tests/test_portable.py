@@ -16,7 +16,8 @@ def test_keep_mask_is_a_pure_function_of_its_arguments():
     assert torch.equal(a, portable.dropout_keep(11, 40, 33, 0.3, "cpu"))
     assert not torch.equal(a, portable.dropout_keep(12, 40, 33, 0.3, "cpu"))
     fresh = torch.Generator().manual_seed(11)
-    assert torch.equal(a, torch.rand(40, 33, generator=fresh) >= 0.3), "the stream of a freshly seeded generator"
+    want = torch.empty(40, 33, dtype=torch.bool).bernoulli_(0.7, generator=fresh)
+    assert torch.equal(a, want), "the stream of a freshly seeded generator"
 
 
 def test_no_generator_is_made_per_call(monkeypatch):

@@ -60,7 +60,8 @@ def dropout_keep(seed: int, M: int, K: int, p: float, device) -> torch.Tensor:
     """
     gen = _generator(device)
     gen.manual_seed(int(seed))
-    return torch.rand(M, K, device=device, generator=gen) >= p
+    # drawn straight into a bool tensor (one byte an element): no float uniforms written and compared
+    return torch.empty(M, K, dtype=torch.bool, device=device).bernoulli_(1.0 - p, generator=gen)
 
 
 def kept(x: torch.Tensor, p: float, seed: int):
