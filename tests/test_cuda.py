@@ -95,18 +95,22 @@ _CHECKS_CHILD = textwrap.dedent("""
         "cpu": (1, W.cpu()), "dropout": (10, 1.0), "rank_idx": (8, torch.tensor([0, 5], device=d)),
         "unbanked": (12, torch.zeros(5, dtype=torch.long, device=d)), "base_scale": (13, W[:3, 0]), "range": None,
     }
-    for name, edit in cases.items():
-        args = list(good)
-        if edit is None:
-            args[3:5], args[12] = [A3, B3], ai
-        else:
-            args[edit[0]] = edit[1]
+
+    def attempt(name, args):
         print(name, end=" :: ", flush=True)
         try:
             ops.forward(*args)
             print("no error", flush=True)
         except RuntimeError as e:
             print(str(e).splitlines()[0], flush=True)
+
+    for name, edit in cases.items():
+        args = list(good)
+        if edit is None:
+            args[3:5], args[12] = [A3, B3], ai
+        else:
+            args[edit[0]] = edit[1]
+        attempt(name, args)
     y, q = ops.forward(x, W, None, A3, B3, 1.0, None, None, None, None, 0.0, 0, ai, None, False, False)
     base_only = torch.allclose(y[3], x[3] @ W.T, rtol=1e-4, atol=1e-4) and bool((q[3] == 0).all())
     print("unvalidated ::", "base only" if base_only else "adapter applied", flush=True)
@@ -117,12 +121,7 @@ _CHECKS_CHILD = textwrap.dedent("""
     for name, (i, value) in mixed.items():
         args = list(half)
         args[i] = value
-        print(name, end=" :: ", flush=True)
-        try:
-            ops.forward(*args)
-            print("no error", flush=True)
-        except RuntimeError as e:
-            print(str(e).splitlines()[0], flush=True)
+        attempt(name, args)
     args = list(half)
     args[7], args[9] = u16, v16  # half-precision scales beside fp32 adapters: accepted
     y, q = ops.forward(*args)
