@@ -164,6 +164,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, A, B, scaling_g, rank_scale, rank_idx, out_scale, adapter_index, row_order,
                           adapter_rows, base_scale, q, seed)
     ctx.mark_non_differentiable(q)
+    ctx.set_materialize_grads(False)  # q's gradient stays None: no [M, Ra] zeros made per backward
 
 
 def _backward(ctx, grad_y, grad_q):
@@ -171,7 +172,7 @@ def _backward(ctx, grad_y, grad_q):
      base_scale, q, seed) = ctx.saved_tensors
     scaling, p, backend, deterministic = ctx.scalars
     grads = [None] * _N_INPUTS
-    if not any(ctx.needs):
+    if grad_y is None or not any(ctx.needs):  # None: only q (not differentiable) had a gradient
         return tuple(grads)
     if torch.is_grad_enabled():  # create_graph=True (and torch.func): gradients with a graph of their own
         inputs = (x, weight, None, A, B, scaling, scaling_g, rank_scale, rank_idx, out_scale, p, seed,
