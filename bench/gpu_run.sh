@@ -3,7 +3,8 @@
 # triton, peft, pytest and matplotlib (no venv, no installs):
 #
 #   bash bench/gpu_run.sh quick           # <= 10 minutes: the gpu tier of the default paths (op tests,
-#                                         # torch and triton), then the training and decode shapes
+#                                         # torch and triton; mixed precision: triton's fold-in plan and,
+#                                         # once built, the cuda backend), then the training and decode shapes
 #                                         # (M 1, 16, 2048, 8192; K,N 4096x4096, 4096x14336; r 16; p 0, 0.1;
 #                                         # fwd, fwd+bwd; bf16) for base, peft, addmm, lorakern-auto and every
 #                                         # backend: $RESULTS/<gpu>.json and the table with its targets
@@ -93,7 +94,9 @@ run_bench() {
 }
 
 OP_SHARDS=("op-triton-bf16=tests/test_op.py -k 'triton and bfloat16'"
-           "op-triton-fp=tests/test_op.py -k 'triton and not bfloat16'" "op-torch=tests/test_op.py -k torch")
+           "op-triton-fp=tests/test_op.py -k 'triton and not bfloat16'" "op-torch=tests/test_op.py -k torch"
+           "mixed=tests/test_mixed_precision.py -k 'not cuda'")
+CUDA_SHARD="cuda=tests/test_cuda.py tests/test_mixed_precision.py -k cuda"  # after the build: it loads it
 TRAIN="--modes fwd,fwdbwd --variants plain --dropout 0,0.1 --r 16"
 
 case "$WHAT" in
@@ -101,12 +104,14 @@ quick)
     start_build
     run_shards "${OP_SHARDS[@]}"
     wait_build
+    run_shards "$CUDA_SHARD"
     run_bench "$RESULTS/$GPU.json" --quick $TRAIN --plot "$OUT/$GPU.png"
     ;;
 quick-dry)
     start_build
     run_shards "${OP_SHARDS[@]}"
     wait_build
+    run_shards "$CUDA_SHARD"
     run_bench "$RESULTS/$GPU.json" --M 1,16,64 --KN 64x64,64x224 $TRAIN --cpu-budget-s 0.05
     ;;
 tune)

@@ -47,13 +47,16 @@ def _compare(y, ys, leaves, ref_leaves, tol=HALF_TOL):
         assert rel_err(a.grad.float(), b.grad.float()) < tol
 
 
-@pytest.mark.parametrize("backend,dtype", [
-    pytest.param("torch", torch.bfloat16, id="torch-bf16"),
-    pytest.param("torch", torch.float16, id="torch-fp16"),
-    pytest.param("triton", torch.float16, id="triton-interp-fp16", marks=pytest.mark.interpret),
+@pytest.mark.parametrize("backend,dtype,device", [
+    pytest.param("torch", torch.bfloat16, "cpu", id="torch-bf16"),
+    pytest.param("torch", torch.float16, "cpu", id="torch-fp16"),
+    pytest.param("triton", torch.float16, "cpu", id="triton-interp-fp16", marks=pytest.mark.interpret),
+    # on a GPU: the triton backend's fold-in plan in bf16 and fp16 (run by bench/gpu_run.sh quick)
+    pytest.param("triton", torch.bfloat16, "cuda", id="triton-gpu-bf16", marks=pytest.mark.gpu),
+    pytest.param("triton", torch.float16, "cuda", id="triton-gpu-fp16", marks=pytest.mark.gpu),
 ])
-def test_fp32_adapters_beside_half_x_match_peft(backend, dtype):
-    x, W, A, B, u, v = _inputs(dtype)
+def test_fp32_adapters_beside_half_x_match_peft(backend, dtype, device):
+    x, W, A, B, u, v = (t.detach().to(device).requires_grad_(t.requires_grad) for t in _inputs(dtype))
     ref = _leaves(x, A, B, u, v)
     y = lorakern.lora_linear(x, W, None, A, B, scaling=0.5, rank_scale=u, out_scale=v, backend=backend)
     ys = _peft_chain(ref[0], W, *ref[1:], 0.5)
