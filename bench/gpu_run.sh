@@ -3,7 +3,7 @@
 # triton, peft, pytest and matplotlib (no venv, no installs):
 #
 #   bash bench/gpu_run.sh quick           # <= 10 minutes: the gpu tier of the default paths (op tests,
-#                                         # torch and triton; mixed precision: triton's fold-in plan and,
+#                                         # torch and triton; triton's fold-in plan; mixed precision: triton's and,
 #                                         # once built, the cuda backend), then the training and decode shapes
 #                                         # (M 1, 16, 2048, 8192; K,N 4096x4096, 4096x14336; r 16; p 0, 0.1;
 #                                         # fwd, fwd+bwd; bf16) for base, peft, addmm, lorakern-auto and every
@@ -95,7 +95,7 @@ run_bench() {
 
 OP_SHARDS=("op-triton-bf16=tests/test_op.py -k 'triton and bfloat16'"
            "op-triton-fp=tests/test_op.py -k 'triton and not bfloat16'" "op-torch=tests/test_op.py -k torch"
-           "mixed=tests/test_mixed_precision.py -k 'not cuda'")
+           "mixed=tests/test_mixed_precision.py -k 'not cuda'" "fold=tests/test_triton.py -k 'fold or base_scale'")
 CUDA_SHARD="cuda=tests/test_cuda.py tests/test_mixed_precision.py -k cuda"  # after the build: it loads it
 TRAIN="--modes fwd,fwdbwd --variants plain --dropout 0,0.1 --r 16"
 
