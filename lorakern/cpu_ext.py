@@ -35,17 +35,14 @@ def _compiler() -> Optional[str]:
 
 def _library() -> tuple[str, str]:
     """(name, path) of the built library: one per torch version (its ABI) and version of the sources."""
-    from torch.utils.cpp_extension import _get_build_directory
-
     tag = extension.source_tag(extension.build_module().cpu_inputs())
     name = f"lorakern_cpu_t{torch.__version__.split('+')[0].replace('.', '_')}_{tag}"
-    return name, os.path.join(_get_build_directory(name, False), f"{name}.so")
+    return name, os.path.join(extension.cpp_extension()._get_build_directory(name, False), f"{name}.so")
 
 
 def build(verbose: bool = False) -> str:
     """Compile and link the extension with ninja (when not built yet) and return the library's path."""
-    from torch.utils.cpp_extension import load
-
+    load = extension.cpp_extension().load
     lb = extension.build_module()
     name, path = _library()
     if not os.path.exists(path):
@@ -92,9 +89,7 @@ def _load() -> tuple[bool, str]:
         return True, ""
     if _compiler() is None:
         return False, f"unavailable: no C++ compiler found ({os.environ.get('CXX', 'c++')}; set CXX)"
-    from torch.utils.cpp_extension import is_ninja_available
-
-    if not is_ninja_available():
+    if not extension.cpp_extension().is_ninja_available():
         return False, "unavailable: ninja not found (pip install ninja)"
     return extension.built(build, "CPU extension")
 

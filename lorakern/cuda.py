@@ -35,8 +35,7 @@ def _cuda_home() -> Optional[str]:
     """The CUDA toolkit to build with: CUDA_HOME / CUDA_PATH, else torch's guess, /usr/local/cuda or
     the toolkit of the real nvcc on PATH, the first holding both bin/nvcc and include/cuda_runtime.h
     (a wrapper script at /usr/local/bin/nvcc makes torch guess /usr/local, which has no headers)."""
-    from torch.utils import cpp_extension
-
+    cpp_extension = extension.cpp_extension()
     nvcc = shutil.which("nvcc")
     real = os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
     for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME,
@@ -71,9 +70,7 @@ def _jit_archs(lb) -> str:
 
 def build(verbose: bool = False) -> str:
     """Compile and link the extension with ninja (no GPU needed) and return the library's path."""
-    from torch.utils import cpp_extension
-    from torch.utils.cpp_extension import _get_build_directory, load
-
+    cpp_extension = extension.cpp_extension()
     lb = extension.build_module()
     if torch.version.cuda is None:
         raise RuntimeError("torch is a CPU-only build")
@@ -86,15 +83,15 @@ def build(verbose: bool = False) -> str:
     inputs = [f for d in {os.path.dirname(s) for s in lb.sources()} for f in glob.glob(os.path.join(d, "*.*"))]
     tag = f"lorakern_cuda_t{torch.__version__.split('+')[0].replace('.', '_')}_cu{torch.version.cuda.replace('.', '')}" \
           f"_sm{arch.replace('.', '').replace(';', '_').replace('+PTX', 'p')}_{extension.source_tag(inputs)}"
-    folder = _get_build_directory(tag, verbose)
+    folder = cpp_extension._get_build_directory(tag, verbose)
     cf = lb.cflags()
     library = os.path.join(folder, f"{tag}.so")
     if not os.path.exists(library):
         print("lorakern: building the CUDA extension once (about 2 minutes)...", file=sys.stderr, flush=True)
     try:
-        path = load(name=tag, sources=lb.sources(), extra_include_paths=lb.include_dirs(), extra_cflags=cf["cxx"],
-                    extra_cuda_cflags=cf["nvcc"], extra_ldflags=lb.ldflags(), build_directory=folder,
-                    is_python_module=False, verbose=verbose)
+        path = cpp_extension.load(name=tag, sources=lb.sources(), extra_include_paths=lb.include_dirs(),
+                                  extra_cflags=cf["cxx"], extra_cuda_cflags=cf["nvcc"], extra_ldflags=lb.ldflags(),
+                                  build_directory=folder, is_python_module=False, verbose=verbose)
     except Exception as e:  # the compiler's output is in the message: keep all of it beside the build
         log = Path(folder) / "build.log"
         log.write_text(f"{type(e).__name__}: {e}\n")

@@ -10,13 +10,14 @@ the library's path (the CUDA one needs nvcc and a CUDA build of torch, not a GPU
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterable
 
-__all__ = ["build_module", "source_tag", "built", "main"]
+__all__ = ["build_module", "cpp_extension", "source_tag", "built", "main"]
 
 _ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,6 +29,21 @@ def build_module():
     import lorakern_build
 
     return lorakern_build
+
+
+def cpp_extension():
+    """``torch.utils.cpp_extension``, imported without the warning it logs on a machine without a
+    CUDA runtime ("No CUDA runtime is found, using CUDA_HOME=..."): that guess is about CUDA
+    builds, and the CPU extension (the one such a machine builds) uses no CUDA_HOME; the cuda
+    loader finds its toolkit itself (``lorakern/cuda.py``)."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension as module
+    finally:
+        log.setLevel(level)
+    return module
 
 
 def source_tag(inputs: Iterable[str]) -> str:
