@@ -26,6 +26,11 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device)
 
 
+def devices() -> tuple[str, ...]:
+    """The GPU names the table has measured rows for."""
+    return tuple(_load())
+
+
 def preference(device: torch.device, dtype: torch.dtype, M: int, K: int, N: int, R: int) -> tuple[str, ...]:
     """Backends in the order ``auto`` tries them for this call."""
     return order(_device_name(device), str(dtype).replace("torch.", ""), M)

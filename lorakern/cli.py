@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from lorakern import autotable
 from lorakern.extras import MissingDependency, ensure, quiet
 
 __all__ = ["COMMANDS", "check", "plan", "main", "device"]
@@ -73,11 +74,33 @@ def _command_parser(name: str, epilog: str) -> argparse.ArgumentParser:
                                    epilog=epilog)
 
 
+def _positive(text: str) -> int:
+    """An int >= 1 (argparse type): a usage error otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
+    return value
+
+
+def _probability(text: str) -> float:
+    """A float in [0, 1) (argparse type): a dropout probability."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a float in [0, 1), got {text!r}")
+    return value
+
+
 def _shape_options(ap: argparse.ArgumentParser, dash: str, M: int, K: int, N: int) -> None:
     """The shape's options ``<dash>M``, ``<dash>K``, ``<dash>N``, ``<dash>r`` (rank 16) with these defaults."""
     for name, default, what in (("M", M, "rows of x (tokens)"), ("K", K, "in-features"), ("N", N, "out-features"),
                                 ("r", 16, "LoRA rank")):
-        ap.add_argument(dash + name, type=int, default=default, help=f"{what}, default {default}")
+        ap.add_argument(dash + name, type=_positive, default=default, help=f"{what}, default {default}")
 
 
 def _check_parser() -> argparse.ArgumentParser:
@@ -149,13 +172,14 @@ def _plan_parser() -> argparse.ArgumentParser:
                "bytes over M x K / M x N in units of one pass of x's dtype, reads and writes apart; epilogue reads "
                "(cuBLAS reading the buffer it accumulates onto, beta = 1) are listed apart.")
     _shape_options(ap, "--", 8192, 4096, 4096)
-    ap.add_argument("--dropout", type=float, default=0.0, help="dropout probability, default 0")
+    ap.add_argument("--dropout", type=_probability, default=0.0, help="dropout probability in [0, 1), default 0")
     ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
                     help="x's dtype, default bfloat16")
     ap.add_argument("--mixed", action="store_true",
                     help="fp32 adapters beside a half-precision x (PEFT's default precision)")
-    ap.add_argument("--device", default="NVIDIA H100 80GB HBM3",
-                    help="the GPU whose autotable.json rows decide what auto picks, default the H100's")
+    ap.add_argument("--device", default="NVIDIA H100 80GB HBM3", choices=autotable.devices(),
+                    help="the GPU (by name) whose measured autotable.json rows decide what auto picks there, "
+                         "default the H100's; the plans are GPU plans whatever machine runs this")
     ap.add_argument("--backend", action="append", choices=("auto", "triton", "torch", "addmm", "base"),
                     help="a plan to print (repeat for several); default: auto, triton, torch, addmm and base")
     return ap

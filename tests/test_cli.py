@@ -41,6 +41,18 @@ def test_usage_errors_exit_2(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args,expected", [
+    (["--M", "0"], "argument --M: expected an int >= 1, got '0'"),
+    (["--dropout", "1.5"], "argument --dropout: expected a float in [0, 1), got '1.5'"),
+    (["--device", "cpu"], "argument --device: invalid choice: 'cpu'"),
+])
+def test_plan_rejects_bad_values_with_a_usage_line(args, expected, capsys):
+    """A shape of zero, a dropout outside [0, 1) or a GPU the autotable has no rows for: one usage
+    line naming the option, exit 2 (not a traceback, not an invented answer)."""
+    assert cli.main(["plan", *args]) == 2
+    assert expected in capsys.readouterr().err
+
+
 def test_console_script_runs():
     exe = shutil.which("lorakern", path=str(Path(sys.executable).parent))
     if exe is None:
