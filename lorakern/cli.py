@@ -161,6 +161,9 @@ def check(argv: Optional[Sequence[str]] = None) -> int:
 
         ms = timing.median_ms(lambda: _fwd_bwd(fn, x), dev)
         print(f"{name:<8} {'ok':<12} {errors['y']:12.2e} {errors['dx']:12.2e} {ms:9.3f} {ms / base_ms:8.2f}")
+    if dev.type == "cpu":
+        print("(CPU times vary from run to run, by tens of percent on a shared or loaded machine; the errors do "
+              "not. For steadier ratios: bench/bench_cpu_peft.py's interleaved medians)")
     return 1 if failed else 0
 
 
