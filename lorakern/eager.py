@@ -11,8 +11,8 @@ gradient to compute, or for small x (autograd adds the two terms of dx as one mo
 where the op's backward accumulates the adapter's term in place: at M = 4096, K = N = 2048 on
 one CPU core that pass costs more than the Python it saves). Anything else returns None and
 takes the op's general path, which checks and names a bad argument. It runs the ``composed``
-backend's forward ops in the same order (the same bits in forward), and autograd saves what the
-op saves: q (here ``t = s q``, [M, r]) beside x, W, A and B, which are inputs.
+backend's forward ops in the same order (its ``base_product``, then the update: the same bits in
+forward), and autograd saves what the op saves: q (here ``t = s q``, [M, r]) beside x, W, A and B, which are inputs.
 
 >>> import torch
 >>> x, W, A, B = torch.randn(3, 4), torch.randn(5, 4), torch.randn(2, 4), torch.randn(5, 2)
@@ -24,6 +24,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+
+from lorakern.backends import composed
 
 __all__ = ["SMALL_MK", "call", "pays", "lora_linear"]
 
@@ -47,7 +49,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                 lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
     """``y = x W^T + b + (s (x A^T)) B^T`` for x [M, K], W [N, K], b [N] or None, A [r, K], B [N, r],
     all one dtype, already checked by ``lorakern.lora_linear``: y [M, N], differentiable in each."""
-    y = torch.addmm(bias, x, weight.T) if bias is not None else torch.mm(x, weight.T)
+    y = composed.base_product(x, weight, bias, None)
     t = torch.mm(x, lora_A.T) * scaling
     return y.addmm_(t, lora_B.T)
 

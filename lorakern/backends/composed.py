@@ -28,7 +28,8 @@ import torch
 
 from lorakern.backends.interface import Grads, Needs, Operands, Problem, base_scale_grad, qdtype
 
-__all__ = ["MaskedPasses", "forward", "add_update", "backward", "add_adapter_dx", "aten_shrink", "aten_x_grads"]
+__all__ = ["MaskedPasses", "base_product", "forward", "add_update", "backward", "add_adapter_dx", "aten_shrink",
+           "aten_x_grads"]
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -109,7 +110,7 @@ def _scaled(q: torch.Tensor, inv: float) -> torch.Tensor:
     return q if inv == 1.0 else q.mul_(inv)
 
 
-def _base(x, weight, bias, base_scale):
+def base_product(x, weight, bias, base_scale):
     """c * (x W^T) + b, a fresh tensor. With c, in PEFT's DoRA order, ``y + (c - 1) * (y - b)`` for
     ``y = x W^T + b``, so that c = 1 (DoRA right after initialisation) gives F.linear's bits."""
     y = torch.addmm(bias, x, weight.T) if bias is not None else torch.mm(x, weight.T)
@@ -121,7 +122,7 @@ def _base(x, weight, bias, base_scale):
 
 def forward(pb: Problem, op: Operands, passes: MaskedPasses) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, q): base GEMM into y, then the rank-r update added in place."""
-    y = _base(op.x, op.weight, op.bias, op.base_scale)
+    y = base_product(op.x, op.weight, op.bias, op.base_scale)
     return y, add_update(pb, op, y, passes)
 
 
